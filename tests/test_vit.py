@@ -1,0 +1,189 @@
+"""The prunable forward path and the selection methods: equivalence, token counts, determinism, bad input."""
+import open_clip
+import pytest
+import torch
+
+from clipprune import methods as M
+from clipprune import vit as V
+from clipprune.errors import ClipPruneError
+from conftest import tiny_clip
+
+ALL = [("full", {}), ("random", {}), ("cls_attention", {}), ("cls_attention", {"fuse": True}), ("tome", {"r": 0}), ("ranking", {})]
+
+
+def images(n=3, size=32, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, method, x, *, keep, layer, ranking=None):
+    M.prune(model, method, keep=keep, layer=layer)
+    if ranking is not None:
+        method.bind(ranking)
+    try:
+        with torch.no_grad():
+            return model.encode_image(x)
+    finally:
+        V.unpatch(model)
+
+
+def identity_ranking(n_images, n_patches):
+    return torch.arange(n_patches).expand(n_images, -1).clone()
+
+
+@pytest.mark.parametrize("arch,size", [("ViT-B-16", 224), ("ViT-B-32", 224), ("ViT-L-14", 56), ("ViT-B-16", 160)])
+def test_keep_one_reproduces_open_clip(arch, size):
+    model = open_clip.create_model(arch, pretrained=None, force_image_size=size).eval()
+    x = images(2, size)
+    with torch.no_grad():
+        ref = model.encode_image(x)
+    n = V.num_patches(model.visual)
+    for name, cfg in ALL:
+        out = run(model, M.build_method(name, **cfg), x, keep=1.0, layer=1,
+                  ranking=identity_ranking(2, n) if name == "ranking" else None)
+        assert (out - ref).abs().max().item() <= 1e-5, name
+
+
+def record_lengths(vit):
+    """Tokens entering each block's attention (ln_1) and MLP (ln_2); merged ToMe blocks bypass block.__call__."""
+    attn, mlp = {}, {}
+    hooks = []
+    for i, b in enumerate(vit.transformer.resblocks):
+        # Keyed by block: CLS-attention recomputes ln_1 of the block before L on the same tokens.
+        hooks.append(b.ln_1.register_forward_pre_hook(lambda m, a, i=i: attn.__setitem__(i, a[0].shape[1])))
+        hooks.append(b.ln_2.register_forward_pre_hook(lambda m, a, i=i: mlp.__setitem__(i, a[0].shape[1])))
+    return (attn, mlp), hooks
+
+
+@pytest.mark.parametrize("name,cfg,keep", [("random", {}, 0.6), ("cls_attention", {}, 0.4), ("cls_attention", {"fuse": True}, 0.5),
+                                           ("ranking", {}, 0.3), ("tome", {"r": 2.5}, 1.0), ("tome", {"r": 9, "start": 1}, 1.0)])
+@pytest.mark.parametrize("image_size", [32, 48])
+def test_each_method_prunes_to_the_count_its_setting_implies(name, cfg, keep, image_size):
+    model = tiny_clip(image_size=image_size)
+    method = M.build_method(name, **cfg)
+    dims = V.ViTDims.of(model.visual)
+    (attn, mlp), hooks = record_lengths(model.visual)
+    out = run(model, method, images(2, image_size), keep=keep, layer=2,
+              ranking=identity_ranking(2, dims.n_patches) if name == "ranking" else None)
+    for h in hooks:
+        h.remove()
+    expected = method.token_counts(dims, keep=keep, layer=2)
+    # ToMe merges between a block's attention and its MLP; pruning methods change counts between blocks.
+    assert [(attn[i], mlp[i]) for i in range(dims.depth)] == expected
+    assert out.shape == (2, 32)
+    if name != "tome":
+        assert attn[dims.depth - 1] == 1 + round(keep * dims.n_patches) + int(cfg.get("fuse", False))
+
+
+@pytest.mark.parametrize("name,cfg", ALL)
+def test_deterministic_and_batch_independent(name, cfg, tiny):
+    x = images(4)
+    n = V.num_patches(tiny.visual)
+    ranking = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    kw = dict(keep=0.5, layer=2)
+    a = run(tiny, M.build_method(name, **cfg), x, ranking=ranking if name == "ranking" else None, **kw)
+    b = run(tiny, M.build_method(name, **cfg), x, ranking=ranking if name == "ranking" else None, **kw)
+    assert torch.equal(a, b)
+    if name != "random":  # random draws a fresh mask per batch by design
+        for i in range(4):
+            one = run(tiny, M.build_method(name, **cfg), x[i : i + 1], ranking=ranking[i : i + 1] if name == "ranking" else None, **kw)
+            assert torch.allclose(one, a[i : i + 1], atol=1e-5)
+
+
+def test_random_masks_differ_across_images_and_follow_the_seed(tiny):
+    x = images(1).expand(4, -1, -1, -1)
+    out = run(tiny, M.build_method("random", seed=1), x, keep=0.5, layer=1)
+    assert not torch.allclose(out[0], out[1])
+    again = run(tiny, M.build_method("random", seed=1), x, keep=0.5, layer=1)
+    other = run(tiny, M.build_method("random", seed=2), x, keep=0.5, layer=1)
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_patch_copies_no_weights_and_unpatch_restores(tiny):
+    vit = tiny.visual
+    cls, ptrs = type(vit), [p.data_ptr() for p in tiny.parameters()]
+    keys = list(tiny.state_dict())
+    M.prune(tiny, M.build_method("cls_attention"), keep=0.5, layer=2)
+    assert type(vit) is not cls and isinstance(vit, cls)
+    assert [p.data_ptr() for p in tiny.parameters()] == ptrs and list(tiny.state_dict()) == keys
+    V.unpatch(tiny)
+    assert type(vit) is cls and not V.is_patched(tiny)
+
+
+def test_cls_attention_matches_multihead_attention_weights(tiny):
+    block = tiny.visual.transformer.resblocks[1]
+    x = torch.randn(3, 17, 64)
+    h = block.ln_1(x)
+    _, w = block.attn(h, h, h, need_weights=True, average_attn_weights=True)
+    assert torch.allclose(V.cls_attention(block, x), w[:, 0, 1:], atol=1e-6)
+
+
+def test_ranking_by_cls_attention_order_equals_cls_attention(tiny):
+    x = images(3)
+    # The elimination order that CLS attention implies: least attended first.
+    captured = {}
+    block = tiny.visual.transformer.resblocks[1]
+    h = block.register_forward_pre_hook(lambda m, i: captured.setdefault("x", i[0]))
+    with torch.no_grad():
+        tiny.encode_image(x)
+    h.remove()
+    attn = V.cls_attention(block, captured["x"])
+    order = attn.sort(dim=1, descending=True, stable=True).indices.flip(1)
+    a = run(tiny, M.build_method("cls_attention"), x, keep=0.4, layer=2)
+    b = run(tiny, M.build_method("ranking"), x, keep=0.4, layer=2, ranking=order)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_ranking_needs_bound_rows(tiny):
+    M.prune(tiny, M.build_method("ranking"), keep=0.5, layer=1)
+    with pytest.raises(ClipPruneError, match="bound"):
+        tiny.encode_image(images(2))
+    V.unpatch(tiny)
+
+
+def test_bound_batches_checks_the_row_count():
+    method = M.build_method("ranking")
+    loader = [(torch.zeros(2), None), (torch.zeros(1), None)]
+    assert len(list(M.bound_batches(loader, method, torch.zeros(3, 4)))) == 2
+    with pytest.raises(ClipPruneError, match="4 rows"):
+        list(M.bound_batches(loader, method, torch.zeros(4, 4)))
+
+
+def test_tome_block_without_merges_equals_the_block(tiny):
+    block = tiny.visual.transformer.resblocks[0]
+    x = torch.randn(2, 17, 64)
+    y, size = M.tome_block(block, x, torch.ones(2, 17, 1), 0)
+    assert torch.allclose(y, block(x), atol=1e-5) and torch.equal(size, torch.ones(2, 17, 1))
+
+
+def test_merge_conserves_mass_and_keeps_cls_first():
+    x, size = torch.randn(2, 17, 8), torch.rand(2, 17, 1) + 0.5
+    y, s = M.merge_wavg(x, size, metric=torch.randn(2, 17, 4), r=5)
+    assert y.shape == (2, 12, 8) and s.shape == (2, 12, 1)
+    assert torch.allclose((y * s).sum(1), (x * size).sum(1), atol=1e-5)
+    assert torch.allclose(s.sum(1), size.sum(1)) and torch.allclose(y[:, 0], x[:, 0], atol=1e-6)
+
+
+def test_tome_schedule_spreads_fractional_r():
+    assert M.tome_schedule(2.5, depth=4) == [2, 3, 2, 3]
+    assert M.tome_schedule(3, depth=4, start=2) == [0, 0, 3, 3]
+    assert sum(M.tome_schedule(9.6364, depth=12)) == 115
+
+
+@pytest.mark.parametrize("keep,layer,match", [(0.0, 1, "keep"), (1.5, 1, "keep"), (0.5, -1, "layer"), (0.5, 4, "layer"), (0.5, 0.5, "layer")])
+def test_bad_settings_are_one_clear_error(tiny, keep, layer, match):
+    with pytest.raises(ClipPruneError, match=match):
+        M.prune(tiny, M.build_method("random"), keep=keep, layer=layer)
+    assert not V.is_patched(tiny)
+
+
+def test_bad_methods_are_one_clear_error(tiny):
+    with pytest.raises(ClipPruneError, match="unknown method"):
+        M.build_method("evit")
+    with pytest.raises(ClipPruneError, match="no option"):
+        M.build_method("random", fuse=True)
+    with pytest.raises(ClipPruneError, match="layer must be >= 1"):
+        M.prune(tiny, M.build_method("cls_attention"), keep=0.5, layer=0)
+    with pytest.raises(ClipPruneError, match="r must be"):
+        M.prune(tiny, M.build_method("tome", r=-1), keep=1.0, layer=0)
+    with pytest.raises(ClipPruneError, match="VisionTransformer"):
+        M.prune(torch.nn.Linear(2, 2), M.build_method("random"), keep=0.5, layer=0)
