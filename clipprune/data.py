@@ -1,0 +1,283 @@
+"""The one data entry point: (dataset, classnames, templates) for every source the harness reads.
+
+Sources, by name:
+  synth/<task>   the generated world (clipprune.synth), one attribute task
+  wds/<name>     local webdataset shards in clip_benchmark's layout, read by clip_benchmark itself
+  folder         root/<split>/<class_dir>/*.jpg|png (+ optional classnames.txt, templates.txt)
+  <other>        any clip_benchmark dataset name (cifar10, pets, vtab/caltech101, ...)
+
+Every input problem (missing root, empty dataset, unknown name, corrupt image) raises DataError with a
+one-line message that names the path and says what to do.
+"""
+
+import shutil
+import tarfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipprune.errors import ClipPruneError
+
+DEFAULT_TEMPLATES = ["a photo of a {c}."]
+WDS_META = ("classnames.txt", "zeroshot_classification_templates.txt")
+
+
+class DataError(ClipPruneError):
+    """A dataset that cannot be read as asked; the message is one line naming the path and the fix."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the wrapped error said
+
+
+@dataclass
+class LoadedDataset:
+    dataset: torch.utils.data.Dataset  # map-style, or an IterableDataset for wds/ (no len, no indexing)
+    classnames: list[str]
+    templates: list[str]
+
+    @property
+    def iterable(self) -> bool:
+        return isinstance(self.dataset, torch.utils.data.IterableDataset)
+
+    def loader(self, *, batch_size: int, num_workers: int = 0) -> torch.utils.data.DataLoader:
+        """An in-order DataLoader of (images, labels) batches, built the way clip_benchmark builds it."""
+        if self.iterable:
+            # webdataset batches inside the pipeline (clip_benchmark's cli does the same). With workers, each
+            # worker reads whole shards, so batch order interleaves shards; num_workers=0 keeps file order.
+            return torch.utils.data.DataLoader(self.dataset.batched(batch_size), batch_size=None,
+                                               shuffle=False, num_workers=num_workers)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, shuffle=False,
+                                           num_workers=num_workers)
+
+
+def load_dataset(name: str, *, root: str | Path | None, split: str, transform=None,
+                 download: bool = False) -> LoadedDataset:
+    """Build the dataset `name` from `root` for `split`; see the module docstring for the names."""
+    if name.startswith("synth/"):
+        return _load_synth(name.split("/", 1)[1], root=_existing_root(name, root), split=split, transform=transform)
+    if name.startswith("wds/"):
+        root = _existing_root(name, root)
+        check_wds_root(root, split=split)
+        ds = _build_clip_benchmark(name, root=root, split=split, transform=transform, download=False)
+        # A stage after decoding turns webdataset's opaque DecodingError into a DataError naming shard and key.
+        ds = ds.compose(_reraise_decoding_errors)
+        return LoadedDataset(ds, list(ds.classes), list(ds.templates))
+    if name == "folder":
+        return _load_folder(_existing_root(name, root), split=split, transform=transform)
+    if name != "dummy":  # the one clip_benchmark dataset that reads no files
+        if root is None or not download:
+            root = _existing_root(name, root)
+    ds = _build_clip_benchmark(name, root=root or ".", split=split, transform=transform, download=download)
+    if not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__") and len(ds) == 0:
+        raise DataError(f"{root}: {name} split {split!r} has no samples; check the root or re-download it")
+    return LoadedDataset(ds, list(ds.classes), list(ds.templates))
+
+
+def _existing_root(name: str, root: str | Path | None) -> Path:
+    if root is None:
+        raise DataError(f"{name}: no data root given; set the dataset's root in params (e.g. data/<name>)")
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data root for {name} does not exist; run the data stage (dvc repro data) "
+                        f"or place the dataset there")
+    return root
+
+
+def _load_synth(task: str, *, root: Path, split: str, transform) -> LoadedDataset:
+    from clipprune.synth import SynthTaskDataset  # lazy: the synthetic world pulls in nothing else here
+
+    try:
+        ds = SynthTaskDataset(root, split=split, task=task, transform=transform)
+    except (FileNotFoundError, ValueError) as e:  # synth's own messages already name the file and the fix
+        raise DataError(f"{root}: {e}") from e
+    if len(ds) == 0:
+        raise DataError(f"{root}: synthetic split {split!r} is empty; regenerate it with a positive n_{split}")
+    return LoadedDataset(ds, list(ds.classes), list(ds.templates))
+
+
+def check_wds_root(root: str | Path, *, split: str) -> int:
+    """Check clip_benchmark's webdataset layout for `split` up front; returns the number of shards."""
+    root = Path(root)
+    nshards_file = root / split / "nshards.txt"
+    if not nshards_file.is_file():
+        raise DataError(f"{nshards_file}: missing; a wds root needs <root>/{split}/nshards.txt and "
+                        f"<root>/{split}/0.tar .. N-1.tar (clip_benchmark_export_wds writes them)")
+    try:
+        nshards = int(nshards_file.read_text().strip())
+    except ValueError:
+        raise DataError(f"{nshards_file}: not an integer; write the number of .tar shards in it") from None
+    shards = [root / split / f"{i}.tar" for i in range(nshards)]
+    missing = [s.name for s in shards if not s.is_file()]
+    if nshards < 1 or missing:
+        raise DataError(f"{root / split}: nshards.txt says {nshards} but shards {missing or 'none'} are missing; "
+                        f"copy the .tar files there or fix nshards.txt")
+    try:
+        with tarfile.open(shards[0]) as tar:
+            empty = tar.next() is None
+    except (tarfile.TarError, OSError) as e:
+        raise DataError(f"{shards[0]}: unreadable tar ({e}); re-copy or re-export the shard") from e
+    if empty:
+        raise DataError(f"{shards[0]}: empty shard, the {split} split has no samples; re-export the dataset")
+    for meta in WDS_META:
+        if not (root / meta).is_file():
+            raise DataError(f"{root / meta}: missing; zero-shot needs it (one entry per line)")
+    kind = root / "dataset_type.txt"
+    if kind.is_file() and kind.read_text().strip().lower() not in ("", "classification"):
+        raise DataError(f"{kind}: says {kind.read_text().strip()!r}; only classification wds datasets are supported")
+    return nshards
+
+
+def _reraise_decoding_errors(src):
+    from webdataset.autodecode import DecodingError
+
+    try:
+        yield from src
+    except DecodingError as e:
+        raise DataError(f"{e.url}: cannot decode {e.k!r} of sample {e.key!r}; re-export that shard") from e
+
+
+def _build_clip_benchmark(name: str, *, root: str | Path, split: str, transform, download: bool):
+    from clip_benchmark.datasets.builder import build_dataset
+
+    try:
+        with warnings.catch_warnings():
+            # shardshuffle=None means "no shard shuffling" (file order is kept); webdataset still warns on it.
+            warnings.filterwarnings("ignore", message=r"WebDataset\(shardshuffle=")
+            return build_dataset(name, root=str(root), transform=transform, split=split, download=download)
+    except ValueError as e:
+        if "Unsupported dataset" in str(e):
+            raise DataError(f"{root}: unknown dataset name {name!r}; use synth/<task>, wds/<name>, folder, "
+                            f"or a clip_benchmark name such as cifar10") from e
+        raise DataError(f"{root}: cannot build {name} split {split!r}: {e}") from e
+    except (RuntimeError, OSError, AssertionError) as e:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"{root}: cannot build {name} split {split!r} ({e}); place the files there or run "
+                        f"the data stage with download enabled and network access") from e
+
+
+def _load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader, failing with the file's path instead of a bare PIL error."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:  # PIL reports truncated/garbage files through all three
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); replace or delete it") from e
+
+
+def _load_folder(root: Path, *, split: str, transform) -> LoadedDataset:
+    from torchvision.datasets import ImageFolder
+
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: split folder missing; expected {root}/{split}/<class_dir>/*.jpg|png")
+    try:
+        ds = ImageFolder(str(split_dir), transform=transform, loader=_load_rgb)
+    except FileNotFoundError as e:  # no class dirs, or a class dir without images
+        raise DataError(f"{split_dir}: {e}; put images under {split_dir}/<class_dir>/") from e
+    classnames = [d.replace("_", " ") for d in ds.classes]
+    if (root / "classnames.txt").is_file():
+        classnames = _read_lines(root / "classnames.txt")
+        if len(classnames) != len(ds.classes):
+            raise DataError(f"{root / 'classnames.txt'}: {len(classnames)} names for {len(ds.classes)} class "
+                            f"folders; write one name per line in sorted class-folder order")
+    templates = _read_lines(root / "templates.txt") if (root / "templates.txt").is_file() else DEFAULT_TEMPLATES
+    if not templates:
+        raise DataError(f"{root / 'templates.txt'}: empty; write one template with {{c}} per line or delete it")
+    return LoadedDataset(ds, classnames, list(templates))
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def dataset_labels(dataset: torch.utils.data.Dataset) -> list[int]:
+    """Labels of a dataset, read from .targets/.labels/._labels when present, else by iterating it (slow)."""
+    for attr in ("targets", "labels", "_labels"):  # torchvision and clipprune.synth keep them in one of these
+        labels = getattr(dataset, attr, None)
+        if labels is not None and not isinstance(dataset, torch.utils.data.IterableDataset) \
+                and len(labels) == len(dataset):
+            return [int(y) for y in labels]
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return [int(y) for _, y in dataset]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def few_shot_indices(labels: Sequence[int], *, shots: int, seed: int) -> list[int]:
+    """`shots` indices per class, sorted. Classes with fewer than `shots` examples contribute all of them.
+
+    Each class draws from its own generator seeded by (seed, class), so a class's pick depends only on its own
+    examples, and the k-shot set is a subset of the (k+1)-shot set for the same seed.
+    """
+    if shots < 1:
+        raise DataError(f"few-shot: shots must be >= 1, got {shots}; fix tune.shots in params")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and labels.min() < 0:
+        raise DataError(f"few-shot: negative label {labels.min()} in the labels; labels must be class indices >= 0")
+    picked: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        order = np.random.default_rng([seed, int(c)]).permutation(len(idx))
+        picked.extend(idx[order[:shots]].tolist())
+    return sorted(picked)
+
+
+def materialise(name: str, *, dest: str | Path, source: str | Path | None = None, n_train: int | None = None,
+                n_test: int | None = None, seed: int = 0, download: bool = False,
+                splits: Sequence[str] = ("train", "test")) -> Path:
+    """Put what dataset `name` needs under `dest` (data/<name>/) for the data stage; returns dest.
+
+    synth*   generate the world (clipprune.synth.write_world) with n_train/n_test/seed.
+    wds/*    copy a local clip_benchmark webdataset root `source`, then check its layout.
+    folder   copy a local ImageFolder root `source`, then check it loads.
+    other    clip_benchmark's build_dataset(download=True) into dest (needs network and download=True).
+    """
+    dest = Path(dest)
+    if name.startswith("synth"):
+        from clipprune.synth import write_world
+
+        if n_train is None or n_test is None:
+            raise DataError(f"{dest}: the synthetic world needs n_train and n_test; set them in params")
+        write_world(dest, n_train=n_train, n_test=n_test, seed=seed)
+        return dest
+    if name.startswith("wds/") or name == "folder":
+        if source is None:
+            raise DataError(f"{dest}: {name} needs a local source root to copy from; set it in params")
+        source = Path(source)
+        if not source.is_dir():
+            raise DataError(f"{source}: source root for {name} does not exist; place the dataset there")
+        present = [s for s in splits if (source / s).is_dir()]
+        if not present:
+            raise DataError(f"{source}: none of the splits {list(splits)} is there; expected {source}/<split>/")
+        # Copy, never hardlink: DVC moves outputs into its cache and makes them read-only, which through a
+        # hardlink would change the (shared, read-only) source files too.
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        try:
+            for s in present:  # a layout that does not load must not become a DVC output
+                if name == "folder":
+                    load_dataset("folder", root=tmp, split=s)
+                else:
+                    check_wds_root(tmp, split=s)
+        except DataError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        return dest
+    if not download:
+        raise DataError(f"{dest}: {name} must be downloaded; enable download in params (needs network) or "
+                        f"place the files there by hand")
+    dest.mkdir(parents=True, exist_ok=True)
+    # Straight into dest, not a temp dir: downloads are large and torchvision resumes and verifies them itself.
+    for s in splits:
+        try:
+            _build_clip_benchmark(name, root=dest, split=s, transform=None, download=True)
+        except DataError as e:
+            raise DataError(f"{dest}: could not download {name} split {s!r} ({e.__cause__ or e}); without "
+                            f"network, place its files there as torchvision/clip_benchmark expect and rerun") from e
+    return dest
