@@ -4,6 +4,7 @@ Sources, by name:
   synth/<task>   the generated world (clipprune.synth), one attribute task
   wds/<name>     local webdataset shards in clip_benchmark's layout, read by clip_benchmark itself
   folder         root/<split>/<class_dir>/*.jpg|png (+ optional classnames.txt, templates.txt)
+  coop/<Name>    the paper's datasets with CoOp's splits and prompts (clipprune.coop), root = CoOp's DATA folder
   <other>        any clip_benchmark dataset name (cifar10, pets, vtab/caltech101, ...)
 
 Every input problem (missing root, empty dataset, unknown name, corrupt image) raises DataError with a
@@ -69,6 +70,10 @@ def load_dataset(name: str, *, root: str | Path | None, split: str, transform=No
         return LoadedDataset(ds, list(ds.classes), list(ds.templates))
     if name == "folder":
         return _load_folder(_existing_root(name, root), split=split, transform=transform)
+    if name.startswith("coop/"):
+        from clipprune.coop import load_coop  # lazy: coop imports this module; its errors say what goes where
+
+        return load_coop(name.split("/", 1)[1], root=root, split=split, transform=transform)
     if name != "dummy":  # the one clip_benchmark dataset that reads no files
         if root is None or not download:
             root = _existing_root(name, root)
@@ -233,6 +238,7 @@ def materialise(name: str, *, dest: str | Path, source: str | Path | None = None
     synth*   generate the world (clipprune.synth.write_world) with n_train/n_test/seed.
     wds/*    copy a local clip_benchmark webdataset root `source`, then check its layout.
     folder   copy a local ImageFolder root `source`, then check it loads.
+    coop/*   copy `source` or, with download=True, fetch it (clipprune.coop.materialise); dest is a DATA root.
     other    clip_benchmark's build_dataset(download=True) into dest (needs network and download=True).
     """
     dest = Path(dest)
@@ -269,6 +275,10 @@ def materialise(name: str, *, dest: str | Path, source: str | Path | None = None
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         return dest
+    if name.startswith("coop/"):
+        from clipprune import coop
+
+        return coop.materialise(name.split("/", 1)[1], dest=dest, source=source, download=download, splits=splits)
     if not download:
         raise DataError(f"{dest}: {name} must be downloaded; enable download in params (needs network) or "
                         f"place the files there by hand")

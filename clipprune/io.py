@@ -1,22 +1,23 @@
 """Atomic output writing: a stage killed halfway never leaves a half-written file for DVC to cache."""
 
+import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write `obj` as JSON (sorted keys, indent 2) to a temp file beside `path`, then rename it into place."""
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to a temp file beside `path`, fsync, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in whoever parses the file later.
-    text = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -24,3 +25,21 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as JSON (sorted keys, indent 2) atomically."""
+    # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in whoever parses the file later.
+    return write_bytes_atomic(path, (json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n").encode())
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save into memory: the zip's record names then do not depend on the file name, so equal
+    content gives equal bytes wherever it is written (DVC hashes and the byte-identity tests rely on it)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_torch_atomic(path: str | Path, obj: Any) -> Path:
+    return write_bytes_atomic(path, torch_bytes(obj))

@@ -42,8 +42,10 @@ class PruneSpec:
     n_keep: int
     select: Optional[Selector] = None
     run_block: Optional[BlockRunner] = None
-    # Learnable visual tokens appended after selection (Phase III); never ranked or pruned.
+    # Learnable visual tokens ([n, D]) appended after selection (Phase III); never ranked or pruned, and
+    # dropped before pooling. Deep variant: deep_tokens[i] (i > layer) replaces them at the input of block i.
     extra_tokens: Optional[Tensor] = None
+    deep_tokens: dict[int, Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,18 +125,39 @@ def _pruned_forward(self: VisionTransformer, x: Tensor):
     x = self._embeds(x)
     state: dict = {}
     prev = None
+    extra, deep = spec.extra_tokens, spec.deep_tokens
+    if torch.jit.is_tracing() and extra is not None:  # fvcore: traced, they become constants, which must not need grad
+        extra, deep = extra.data, {i: t.data for i, t in deep.items()}
+    n_extra = 0 if extra is None else extra.shape[-2]
     for i, block in enumerate(self.transformer.resblocks):
         if i == spec.layer:
             if spec.select is not None:
                 x = spec.select(x, SelectContext(vit=self, layer=i, n_keep=spec.n_keep, prev_input=prev))
-            if spec.extra_tokens is not None:
-                x = torch.cat([x, spec.extra_tokens.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+            if n_extra:
+                x = torch.cat([x, extra.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        elif n_extra and i in deep:  # extra tokens stay last: swap in this block's fresh set
+            x = torch.cat([x[:, :-n_extra], deep[i].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
         prev = x
         x = spec.run_block(block, x, i, state) if spec.run_block is not None else block(x)
-    pooled, tokens = self._pool(x)
-    if self.proj is not None:
-        pooled = pooled @ self.proj
+    if n_extra:
+        x = x[:, :-n_extra]  # not image tokens: pooling (avg or tok) and output tokens see CLS + patches only
+    pooled, tokens = pool_project(self, x)
     return (pooled, tokens) if self.output_tokens else pooled
+
+
+def pool_project(vit: VisionTransformer, x: Tensor) -> tuple[Tensor, Tensor]:
+    """open_clip's tail after the blocks: pool (CLS or mean), then the projection."""
+    pooled, tokens = vit._pool(x)
+    if vit.proj is not None:
+        pooled = pooled @ vit.proj
+    return pooled, tokens
+
+
+def run_blocks(vit: VisionTransformer, x: Tensor, *, start: int = 0, stop: Optional[int] = None) -> Tensor:
+    """Plain open_clip blocks start..stop-1 on x (no selection): the shared prefix/suffix of golden search."""
+    for block in vit.transformer.resblocks[start:stop]:
+        x = block(x)
+    return x
 
 
 _PATCHED_CLASSES: dict[type, type] = {}

@@ -1,0 +1,283 @@
+import json
+import os
+import shutil
+import urllib.error
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from torchvision.transforms import ToTensor
+
+from clipprune import coop
+from clipprune.coop import COOP_DATASETS, SOURCES, load_coop, resolve
+from clipprune.data import DataError, dataset_labels, load_dataset, materialise
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PER_SPLIT = {"train": 2, "val": 1, "test": 2}  # images per class, so each split has its own size
+
+# Per split-json dataset: the class names as CoOp's split file stores them, what prompts get, and the
+# relpath (under the image dir) of image i of class c, shaped like the real dataset's files.
+SPLIT_JSON = {
+    "Caltech101": (["airplane", "face", "yin_yang"], ["airplane", "face", "yin yang"],
+                   lambda c, i: f"{['airplanes', 'Faces', 'yin_yang'][c]}/image_{i:04d}.jpg"),
+    "OxfordPets": (["abyssinian", "american_bulldog", "yorkshire_terrier"],
+                   ["abyssinian", "american bulldog", "yorkshire terrier"], lambda c, i: f"Breed{c}_{i}.jpg"),
+    "Flowers102": (["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
+                   ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"],
+                   lambda c, i: f"image_{100 * c + i:05d}.jpg"),
+    "Food101": (["apple_pie", "baby_back_ribs", "waffles"], ["apple pie", "baby back ribs", "waffles"],
+                lambda c, i: f"{['apple_pie', 'baby_back_ribs', 'waffles'][c]}/{1000 + i}.jpg"),
+    "DTD": (["banded", "blotchy", "zigzagged"], ["banded", "blotchy", "zigzagged"],
+            lambda c, i: f"{['banded', 'blotchy', 'zigzagged'][c]}/x_{i:04d}.jpg"),
+    # CoOp's ucf101.py renames CamelCase actions with '_' (ApplyEyeMakeup -> Apply_Eye_Makeup) when it
+    # writes the split; prompts then get '_' -> ' '.
+    "UCF101": (["Apply_Eye_Makeup", "Yo_Yo", "Playing_Daf"], ["Apply Eye Makeup", "Yo Yo", "Playing Daf"],
+               lambda c, i: f"{['Apply_Eye_Makeup', 'Yo_Yo', 'Playing_Daf'][c]}/v_{c}_g{i:02d}_c01.jpg"),
+}
+AIRCRAFT = ["707-320", "F/A-18", "Cessna 172"]  # '/' and spaces stay; labels follow variants.txt order
+IMAGENET = {"n02085620": "Chihuahua", "n01440764": "tench", "n01443537": "goldfish"}  # file order != wnid order
+TEMPLATES = {"Caltech101": "a photo of a {c}.", "OxfordPets": "a photo of a {c}, a type of pet.",
+             "Flowers102": "a photo of a {c}, a type of flower.", "Food101": "a photo of {c}, a type of food.",
+             "FGVCAircraft": "a photo of a {c}, a type of aircraft.", "DTD": "{c} texture.",
+             "UCF101": "a photo of a person doing {c}.", "ImageNet": "a photo of a {c}."}
+
+
+def _jpeg(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (value % 256, 0, 0)).save(path, format="JPEG")
+
+
+def make_coop(data: Path, name: str) -> dict:
+    """A tiny CoOp layout of `name` under the DATA root `data`; returns {split: [(image path, label)]}, classes."""
+    spec = COOP_DATASETS[name]
+    ddir, image_dir = data / spec.folder, data / spec.folder / spec.image_dir
+    expected = {}
+    if name in SPLIT_JSON:
+        raw, _, relpath = SPLIT_JSON[name]
+        table, n = {}, 0
+        for split, k in PER_SPLIT.items():
+            # class order 2, 0, 1 so a reader that relabels by listing order would be caught
+            rows = [(relpath(c, n + i), c, raw[c]) for i in range(k) for c in (2, 0, 1)]
+            n += k
+            table[split] = rows
+            expected[split] = [(image_dir / p, c) for p, c, _ in rows]
+            for p, c, _ in rows:
+                _jpeg(image_dir / p, 40 * c)
+        (ddir / spec.split_file).write_text(json.dumps(table))
+    elif name == "FGVCAircraft":
+        ddir.mkdir(parents=True)
+        (ddir / "variants.txt").write_text("\n".join(AIRCRAFT) + "\n")
+        n = 0
+        for split, k in PER_SPLIT.items():
+            rows = [(f"{1000000 + n + 10 * c + i:07d}", c) for i in range(k) for c in (1, 2, 0)]
+            n += 100
+            (ddir / f"images_variant_{split}.txt").write_text("".join(f"{i} {AIRCRAFT[c]}\n" for i, c in rows))
+            expected[split] = [(image_dir / f"{i}.jpg", c) for i, c in rows]
+            for i, c in rows:
+                _jpeg(image_dir / f"{i}.jpg", 40 * c)
+    elif name == "ImageNet":
+        ddir.mkdir(parents=True)
+        (ddir / "classnames.txt").write_text("".join(f"{w} {c}\n" for w, c in IMAGENET.items()))
+        for split, folder in (("train", "train"), ("test", "val")):
+            expected[split] = []
+            for y, wnid in enumerate(sorted(IMAGENET)):
+                for i in range(PER_SPLIT[split]):
+                    p = image_dir / folder / wnid / f"{wnid}_{i}.JPEG"
+                    _jpeg(p, 40 * y)
+                    expected[split].append((p, y))
+        expected["val"] = expected["test"]  # CoOp: the 50k val set is both val and test
+    return expected
+
+
+def expected_classes(name: str) -> list[str]:
+    if name in SPLIT_JSON:
+        return SPLIT_JSON[name][1]
+    return AIRCRAFT if name == "FGVCAircraft" else [IMAGENET[w] for w in sorted(IMAGENET)]
+
+
+@pytest.mark.parametrize("name", list(COOP_DATASETS))
+def test_each_dataset_through_load_dataset(tmp_path, name):
+    expected = make_coop(tmp_path / "DATA", name)
+    for split in ("train", "val", "test"):
+        ld = load_dataset(f"coop/{name}", root=tmp_path / "DATA", split=split)
+        assert ld.classnames == expected_classes(name) == ld.dataset.classes
+        assert ld.templates == [TEMPLATES[name]] == ld.dataset.templates
+        assert len(ld.dataset) == len(expected[split])
+        assert [(Path(p), y) for p, y in ld.dataset.samples] == expected[split]
+        assert dataset_labels(ld.dataset) == [y for _, y in expected[split]]  # read from .targets
+    image, label = ld.dataset[0]
+    assert isinstance(image, Image.Image) and image.mode == "RGB" and label == expected["test"][0][1]
+    image, _ = load_dataset(f"coop/{name}", root=tmp_path / "DATA", split="test", transform=ToTensor()).dataset[0]
+    assert image.shape == (3, 4, 4)
+    # root may also be the dataset's own folder
+    own = load_coop(name, root=tmp_path / "DATA" / COOP_DATASETS[name].folder, split="train")
+    assert own.dataset.targets == [y for _, y in expected["train"]]
+
+
+def test_split_sizes_and_aliases(tmp_path):
+    make_coop(tmp_path, "DTD")
+    sizes = {s: len(load_coop("DescribableTextures", root=tmp_path, split=s).dataset) for s in ("train", "val", "test")}
+    assert sizes == {"train": 6, "val": 3, "test": 6}
+    assert [p.format(c="banded") for p in load_coop("DTD", root=tmp_path, split="val").templates] == ["banded texture."]
+
+
+def test_missing_root_folder_split_file(tmp_path):
+    with pytest.raises(DataError, match="no data root"):
+        load_dataset("coop/DTD", root=None, split="test")
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        load_dataset("coop/DTD", root=tmp_path / "nope", split="test")
+    (tmp_path / "DATA").mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset("coop/DTD", root=tmp_path / "DATA", split="test")
+    msg = str(e.value)  # says which archive and which split file go where
+    assert str(tmp_path / "DATA" / "dtd") in msg and "dtd-r1.0.1.tar.gz" in msg
+    assert "split_zhou_DescribableTextures.json" in msg and "\n" not in msg
+
+    make_coop(tmp_path / "DATA", "OxfordPets")
+    split_file = tmp_path / "DATA" / "oxford_pets" / "split_zhou_OxfordPets.json"
+    split_file.write_text("{not json")
+    with pytest.raises(DataError, match="not a CoOp split file"):
+        load_coop("OxfordPets", root=tmp_path / "DATA", split="test")
+    split_file.unlink()
+    with pytest.raises(DataError) as e:
+        load_coop("OxfordPets", root=tmp_path / "DATA", split="test")
+    assert str(split_file) in str(e.value) and SOURCES["OxfordPets"].split_url in str(e.value)
+
+    make_coop(tmp_path / "DATA", "Food101")
+    shutil.rmtree(tmp_path / "DATA" / "food-101" / "images")
+    with pytest.raises(DataError, match=str(tmp_path / "DATA" / "food-101" / "images")):
+        load_coop("Food101", root=tmp_path / "DATA", split="test")
+
+
+def test_missing_and_corrupt_image(tmp_path):
+    expected = make_coop(tmp_path, "UCF101")
+    gone = expected["test"][3][0]
+    gone.unlink()
+    with pytest.raises(DataError) as e:
+        load_coop("UCF101", root=tmp_path, split="test")
+    assert str(gone) in str(e.value) and "1 of 6" in str(e.value) and "UCF-101-midframes.zip" in str(e.value)
+    load_coop("UCF101", root=tmp_path, split="train")  # other splits are unaffected
+
+    bad = expected["train"][1][0]
+    bad.write_bytes(b"not a jpeg")
+    ds = load_coop("UCF101", root=tmp_path, split="train").dataset
+    with pytest.raises(DataError, match=str(bad)):
+        ds[1]
+
+
+def test_aircraft_and_imagenet_errors(tmp_path):
+    make_coop(tmp_path, "FGVCAircraft")
+    with open(tmp_path / "fgvc_aircraft" / "images_variant_val.txt", "a") as f:
+        f.write("1234567 Boeing 999\n")
+    with pytest.raises(DataError, match="line 4 has variant 'Boeing 999'"):
+        load_coop("FGVCAircraft", root=tmp_path, split="val")
+    (tmp_path / "fgvc_aircraft" / "variants.txt").unlink()
+    with pytest.raises(DataError, match=str(tmp_path / "fgvc_aircraft" / "variants.txt")):
+        load_coop("FGVCAircraft", root=tmp_path, split="train")
+
+    make_coop(tmp_path, "ImageNet")
+    shutil.rmtree(tmp_path / "imagenet" / "images" / "val" / "n01443537")  # would shift every later label
+    with pytest.raises(DataError, match="no folder: \\['n01443537'\\]"):
+        load_coop("ImageNet", root=tmp_path, split="test")
+    (tmp_path / "imagenet" / "classnames.txt").unlink()
+    with pytest.raises(DataError, match=str(tmp_path / "imagenet" / "classnames.txt")):
+        load_coop("ImageNet", root=tmp_path, split="train")
+
+
+def test_unknown_name_and_split(tmp_path):
+    make_coop(tmp_path, "DTD")
+    with pytest.raises(DataError, match="unknown split 'validation'"):
+        load_coop("DTD", root=tmp_path, split="validation")
+    with pytest.raises(DataError, match="unknown CoOp dataset"):
+        load_dataset("coop/SUN397", root=tmp_path, split="test")
+
+
+def test_resolve_both_protocols():
+    assert [resolve(n) for n in COOP_DATASETS] == [f"coop/{n}" for n in COOP_DATASETS]
+    assert resolve("OxfordFlowers", "coop") == "coop/Flowers102"
+    assert {n: resolve(n, "clip_benchmark") for n in COOP_DATASETS if n != "UCF101"} == {
+        "Caltech101": "vtab/caltech101", "OxfordPets": "pets", "Flowers102": "flowers", "Food101": "food101",
+        "FGVCAircraft": "fgvc_aircraft", "DTD": "dtd", "ImageNet": "imagenet1k"}
+    with pytest.raises(DataError, match="clip_benchmark has no UCF101"):
+        resolve("UCF101", "clip_benchmark")
+    with pytest.raises(DataError, match="unknown protocol"):
+        resolve("DTD", "dassl")
+
+
+def test_materialise_copies_and_checks(tmp_path):
+    make_coop(tmp_path / "src", "Caltech101")
+    dest = materialise("coop/Caltech101", dest=tmp_path / "data" / "caltech", source=tmp_path / "src")
+    assert len(load_dataset("coop/Caltech101", root=dest, split="test").dataset) == 6
+    assert not (tmp_path / "data" / "caltech.partial").exists()
+
+    (tmp_path / "src" / "caltech-101" / "split_zhou_Caltech101.json").unlink()
+    with pytest.raises(DataError, match="split_zhou_Caltech101.json"):
+        materialise("coop/Caltech101", dest=tmp_path / "data" / "broken", source=tmp_path / "src")
+    assert not (tmp_path / "data" / "broken").exists() and not (tmp_path / "data" / "broken.partial").exists()
+
+    with pytest.raises(DataError) as e:  # neither source nor download: say what to place where
+        materialise("coop/Flowers102", dest=tmp_path / "data" / "flowers")
+    msg = str(e.value)
+    assert str(tmp_path / "data" / "flowers") in msg and "102flowers.tgz" in msg
+    assert "split_zhou_OxfordFlowers.json" in msg and SOURCES["Flowers102"].split_url in msg
+
+
+class FakeFetch:
+    """Stands in for torchvision's download helpers: 'downloads' come from a staged tiny layout."""
+
+    def __init__(self, stage: Path, archives: dict[str, tuple[str, str]]):
+        self.stage, self.archives, self.calls = stage, archives, []
+
+    def download_and_extract_archive(self, url, download_root, md5=None, remove_finished=False):
+        self.calls.append(url)
+        src, dst = self.archives[url]
+        shutil.copytree(self.stage / src, Path(download_root) / dst)
+
+    def download_file_from_google_drive(self, file_id, root, filename=None, md5=None):
+        self.calls.append(file_id)
+        shutil.copy(self.stage / Path(root).name / filename, Path(root) / filename)
+
+    def extract_archive(self, *a, **k):
+        raise AssertionError("no nested archive in these layouts")
+
+
+def test_download_runs_documented_steps(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    make_coop(tmp_path / "stage", "DTD")
+    make_coop(tmp_path / "stage", "FGVCAircraft")
+    dtd_url, air_url = SOURCES["DTD"].archives[0], SOURCES["FGVCAircraft"].archives[0]
+    fake = FakeFetch(tmp_path / "stage", {dtd_url: ("dtd/images", "dtd/images"),
+                                          air_url: ("fgvc_aircraft", "fgvc-aircraft-2013b/data")})
+    for fn in ("download_and_extract_archive", "download_file_from_google_drive", "extract_archive"):
+        monkeypatch.setattr(tvu, fn, getattr(fake, fn))
+
+    dest = materialise("coop/DTD", dest=tmp_path / "data" / "dtd", download=True)
+    assert fake.calls == [dtd_url, "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"]
+    assert load_dataset("coop/DTD", root=dest, split="val").classnames == ["banded", "blotchy", "zigzagged"]
+    materialise("coop/DTD", dest=dest, download=True)  # already there: fetches nothing
+    assert len(fake.calls) == 2
+
+    dest = materialise("coop/FGVCAircraft", dest=tmp_path / "data" / "air", download=True)
+    assert (dest / "fgvc_aircraft" / "variants.txt").is_file()  # the archive's data/ moved into place
+    assert len(load_coop("FGVCAircraft", root=dest, split="test").dataset) == 6
+
+    with pytest.raises(DataError, match="cannot be downloaded automatically.*image-net.org"):
+        materialise("coop/ImageNet", dest=tmp_path / "data" / "in", download=True)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as e:
+        materialise("coop/Food101", dest=tmp_path / "data" / "food", download=True)
+    assert "could not download Food101" in str(e.value) and "food-101.tar.gz" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_registries_are_complete():
+    assert set(SOURCES) == set(COOP_DATASETS) == set(TEMPLATES)
+    assert {n: s.template for n, s in COOP_DATASETS.items()} == TEMPLATES
+    for name, spec in COOP_DATASETS.items():
+        assert spec.split_file is None or SOURCES[name].split_url.startswith("https://drive.google.com/")

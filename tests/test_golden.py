@@ -1,0 +1,176 @@
+"""Golden search: the fast engine equals a brute-force reference; resumable; 2 processes equal 1."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipprune import methods as M
+from clipprune import vit as V
+from clipprune.errors import ClipPruneError
+from clipprune.golden import GoldenSearch, SearchConfig, load_ranking, run_search, unit_masks
+from conftest import tiny_clip
+
+WORKER = Path(__file__).with_name("golden_worker.py")
+
+
+def reference(model, image, label, classifier, *, layer, unit, per_round, budget, score):
+    """One candidate at a time, each a full forward from pixels through the pruned path: the oracle."""
+    units = unit_masks(model.visual.grid_size, unit)
+    n_units = units.shape[0]
+
+    def embed(keep):
+        idx = torch.tensor([keep], dtype=torch.long)
+        V.apply_spec(model, V.PruneSpec(layer=layer, n_keep=len(keep), select=lambda x, ctx: V.keep_patches(x, idx)))
+        try:
+            return F.normalize(model.encode_image(image[None]), dim=-1)[0]
+        finally:
+            V.unpatch(model)
+
+    full = F.normalize(model.encode_image(image[None]), dim=-1)[0]
+    alive, order, scores = set(range(n_units)), [], []
+    n_rank, m = max(1, round(budget * n_units)), per_round or n_units
+    while alive:
+        rem, sc = sorted(alive), {}
+        for u in rem:
+            keep = [p for p in range(units.shape[1]) if any(units[a, p] for a in alive if a != u)]
+            e = embed(keep)
+            probs = (model.logit_scale.exp() * e @ classifier).softmax(-1)
+            sc[u] = {"label": probs[label], "max": probs.max(), "similarity": e @ full}[score].item()
+        ranked = sorted(rem, key=lambda u: (-sc[u], u))
+        take = min(m, n_rank - len(order))
+        if take >= len(rem) or len(order) + take >= n_rank:
+            take = len(rem)
+        order += ranked[:take]
+        scores += [sc[u] for u in ranked[:take]]
+        alive -= set(ranked[:take])
+    return order, scores
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls: a second thread only adds synchronisation (10x slower on a busy 2-core machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def f64():
+    model = tiny_clip(image_size=40).double()  # 5x5 grid: k=2 leaves smaller units at the edges
+    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.tensor([0, 2])
+    classifier = F.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=0)
+    return model, images, labels, classifier
+
+
+@pytest.mark.parametrize("score", ["label", "max", "similarity"])
+@pytest.mark.parametrize("unit", [1, 2])
+@pytest.mark.parametrize("per_round,budget", [(1, 1.0), (4, 1.0), (0, 1.0), (3, 0.4)])
+def test_fast_search_equals_brute_force(f64, score, unit, per_round, budget):
+    model, images, labels, classifier = f64
+    cfg = SearchConfig(layer=2, unit=unit, per_round=per_round, budget=budget, score=score, chunk_tokens=64)
+    with torch.no_grad():
+        res = GoldenSearch(model, cfg, classifier=classifier).search(images, labels)
+        for b in range(len(images)):
+            order, scores = reference(model, images[b], labels[b], classifier, layer=2, unit=unit,
+                                      per_round=per_round, budget=budget, score=score)
+            assert res.unit_order[b].tolist() == order
+            assert torch.allclose(res.unit_scores[b], torch.tensor(scores, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_patch_order_expands_units_in_elimination_order():
+    units = unit_masks((4, 4), 2)
+    assert units.sum(1).tolist() == [4, 4, 4, 4]
+    assert units[0].nonzero()[:, 0].tolist() == [0, 1, 4, 5]
+    edge = unit_masks((5, 5), 2)
+    assert edge.shape == (9, 25) and edge.sum(1).tolist() == [4, 4, 2, 4, 4, 2, 2, 2, 1]
+    model = tiny_clip()
+    res = GoldenSearch(model, SearchConfig(layer=1, unit=2)).search(torch.randn(2, 3, 32, 32))
+    for b in range(2):
+        expected = [p for u in res.unit_order[b].tolist() for p in units[u].nonzero()[:, 0].tolist()]
+        assert res.patch_order[b].tolist() == expected
+
+
+def test_golden_ranking_drives_the_ranking_method(f64):
+    """Pruning with the golden order keeps exactly the search's final survivors (budget = the pruned count)."""
+    model, images, labels, classifier = f64
+    n = V.num_patches(model.visual)
+    res = GoldenSearch(model, SearchConfig(layer=2, per_round=2, score="similarity")).search(images, labels)
+    method = M.build_method("ranking")
+    M.prune(model, method, keep=0.6, layer=2)
+    method.bind(res.patch_order)
+    with torch.no_grad():
+        out = model.encode_image(images)
+    V.unpatch(model)
+    n_keep = V.keep_count(0.6, n)
+    for b in range(len(images)):
+        keep = sorted(res.patch_order[b, n - n_keep :].tolist())
+        idx = torch.tensor([keep])
+        V.apply_spec(model, V.PruneSpec(layer=2, n_keep=n_keep, select=lambda x, ctx: V.keep_patches(x, idx)))
+        with torch.no_grad():
+            assert torch.allclose(model.encode_image(images[b : b + 1])[0], out[b], atol=1e-10)
+        V.unpatch(model)
+
+
+def test_bad_search_settings():
+    model = tiny_clip()
+    for cfg, msg in [(SearchConfig(layer=4), "layer"), (SearchConfig(layer=1, unit=5), "unit"),
+                     (SearchConfig(layer=1, per_round=-1), "per_round"), (SearchConfig(layer=1, budget=0), "budget"),
+                     (SearchConfig(layer=1, score="logit"), "unknown golden score"), (SearchConfig(layer=1, score="label"), "classifier")]:
+        with pytest.raises(ClipPruneError, match=msg):
+            GoldenSearch(model, cfg)
+
+
+def worker(out, n=16, slow_from=10**9, nproc=1):
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent), "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533", str(WORKER)]
+    return subprocess.Popen([*cmd, str(out), str(n), str(slow_from)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p):
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path):
+    finish(worker(tmp_path / "clean.pt"))
+    killed = tmp_path / "killed.pt"
+    p = worker(killed, slow_from=8)  # shards 0 and 1 (images 0..7) are fast, then it crawls
+    shards = killed.with_name(killed.name + ".shards")
+    deadline = time.time() + 120
+    while len(list(shards.glob("shard-*.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not killed.exists() and len(list(shards.glob("shard-*.pt"))) >= 2
+    finish(worker(killed))
+    assert killed.read_bytes() == (tmp_path / "clean.pt").read_bytes()
+    assert not shards.exists()
+
+
+def test_two_processes_equal_one(tmp_path):
+    finish(worker(tmp_path / "one.pt", n=14))  # 14 images: the last shard is partial
+    finish(worker(tmp_path / "two.pt", n=14, nproc=2))
+    assert (tmp_path / "two.pt").read_bytes() == (tmp_path / "one.pt").read_bytes()
+    r = load_ranking(tmp_path / "one.pt")
+    assert r.patch_order.shape == (14, 16) and r.meta["search"]["score"] == "label"
+    assert sorted(r.patch_order[0].tolist()) == list(range(16))
+
+
+def test_load_ranking_errors(tmp_path):
+    with pytest.raises(ClipPruneError, match="run the golden stage"):
+        load_ranking(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a ranking")
+    with pytest.raises(ClipPruneError, match="not a clipprune golden ranking"):
+        load_ranking(tmp_path / "junk.pt")
