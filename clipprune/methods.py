@@ -243,7 +243,7 @@ class ToMe(Method):
                 return block(x)  # nothing merged yet: open_clip's own block, bit for bit
             if size is None:
                 size = x.new_ones(x.shape[0], x.shape[1], 1)
-            x, size = tome_block(block, x, size, merges[i])
+            x, size = tome_block(block, x, size, merges[i], protect_last=state.get("n_extra", 0))
             state["size"] = size
             return x
 
@@ -264,15 +264,21 @@ class ToMe(Method):
                    for (t, m) in self.token_counts(dims, keep=keep, layer=layer) if m < t)
 
 
-def tome_block(block, x: Tensor, size: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """One open_clip block with proportional attention, then r merges between attention and MLP."""
+def tome_block(block, x: Tensor, size: Tensor, r: int, *, protect_last: int = 0) -> tuple[Tensor, Tensor]:
+    """One open_clip block with proportional attention, then r merges between attention and MLP.
+
+    The last `protect_last` tokens (learnable visual tokens) attend and are attended but never merge:
+    ToMe itself protects only CLS, and would average prompts into patches.
+    """
     q, k, v = V.qkv(block, x)
     bias = size.log()[:, None, None, :, 0].to(q.dtype)  # [B, 1, 1, N]: a token of size s counts s times
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     o = o.transpose(1, 2).reshape(x.shape)
     x = x + block.ls_1(block.attn.out_proj(o))
     if r > 0:
-        x, size = merge_wavg(x, size, metric=k.mean(dim=1), r=r)
+        n = x.shape[1] - protect_last
+        merged, msize = merge_wavg(x[:, :n], size[:, :n], metric=k.mean(dim=1)[:, :n], r=r)
+        x, size = torch.cat([merged, x[:, n:]], dim=1), torch.cat([msize, size[:, n:]], dim=1)
     x = x + block.ls_2(block.mlp(block.ln_2(x)))
     return x, size
 
@@ -301,3 +307,65 @@ def merge_wavg(x: Tensor, size: Tensor, *, metric: Tensor, r: int) -> tuple[Tens
     x = merge(x * size)
     size = merge(size)
     return x / size, size
+
+
+@register("predictor")
+@dataclass
+class PredictorPruning(Method):
+    """Keep the patches a trained ranking predictor (clipprune.predictor, Phase II) scores highest.
+
+    The predictor reads the tokens at the input of `layer` (what is about to be pruned), so no label and no
+    search is needed; its MACs count in every FLOP figure (`extra_macs`). `path` names a file written by
+    `predictor.save_predictor`; `from_module` wraps any in-memory module mapping tokens [B, 1+N, D] to
+    scores [B, N] (higher = keep).
+    """
+
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        self._module: Optional[torch.nn.Module] = None  # not a field: kept out of configs and spec info
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module) -> "PredictorPruning":
+        method = cls()
+        method._module = module
+        return method
+
+    def module(self) -> torch.nn.Module:
+        """The predictor, loaded from `path` once."""
+        if self._module is None:
+            if not self.path:
+                raise ClipPruneError("method 'predictor' needs path: a file from the predictor stage (dvc repro predictor)")
+            from .predictor import load_predictor
+
+            self._module = load_predictor(self.path)
+        return self._module
+
+    def check(self, vit, *, keep: float, layer: int) -> None:
+        super().check(vit, keep=keep, layer=layer)
+        module = self.module()
+        arch = getattr(module, "arch", None)
+        if arch is not None and (arch["seq_len"], arch["width"]) != (V.num_patches(vit) + 1, vit.transformer.width):
+            raise ClipPruneError(f"predictor was built for {arch['seq_len']} tokens of width {arch['width']}, this ViT has "
+                                 f"{V.num_patches(vit) + 1} of width {vit.transformer.width}")
+        trained = getattr(module, "config", {}).get("layer", layer)
+        if trained != layer:
+            raise ClipPruneError(f"predictor was trained on the tokens of layer {trained}, not {layer}")
+
+    def selector(self, vit, *, keep: float, layer: int) -> V.Selector:
+        from .predictor import constant_weights
+
+        module = self.module().eval()
+
+        def select(x: Tensor, ctx: V.SelectContext) -> Tensor:
+            p = next(module.parameters(), None)
+            inp = x if p is None else x.to(p.device, p.dtype)
+            with torch.no_grad(), constant_weights(module):  # discrete selection: nothing trains through scores
+                scores = module(inp)
+            return V.keep_top_scores(x, scores.to(x.device), ctx.n_keep)
+
+        return select
+
+    def extra_macs(self, dims: V.ViTDims, *, keep: float, layer: int) -> float:
+        macs = getattr(self.module(), "macs", None)  # a module without .macs() (a test stub) counts as free
+        return float(macs()) if callable(macs) else 0.0

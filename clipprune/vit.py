@@ -129,6 +129,7 @@ def _pruned_forward(self: VisionTransformer, x: Tensor):
     if torch.jit.is_tracing() and extra is not None:  # fvcore: traced, they become constants, which must not need grad
         extra, deep = extra.data, {i: t.data for i, t in deep.items()}
     n_extra = 0 if extra is None else extra.shape[-2]
+    state["n_extra"] = n_extra  # block runners (ToMe) must not merge the extra tokens into patches
     for i, block in enumerate(self.transformer.resblocks):
         if i == spec.layer:
             if spec.select is not None:
