@@ -63,6 +63,8 @@ opt_opt = click.option("-o", "--opt", "opts", multiple=True, help="Method option
 keep_opt = click.option("--keep", type=float, default=0.6, show_default=True, help="Fraction of patch tokens kept (0, 1].")
 layer_opt = click.option("--layer", type=int, default=3, show_default=True, help="Prune at the input of this block (0-based).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+# Every DVC stage reads its sections from here (dvc.yaml declares which, so DVC knows what each depends on).
+params_opt = click.option("--params", "params_path", default="params.yaml", show_default=True, help="The params file.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,10 +143,10 @@ def bench(arch, image_size, method, opts, keep, layer, batch, repeats, as_json):
           **throughput(vit, m, keep=keep, layer=layer, batch=batch, repeats=repeats)}, as_json)
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 2, never a traceback."""
+def run(command: click.Command) -> None:
+    """Run a click command: user errors become one line on stderr and exit status 2, never a traceback."""
     try:
-        cli(standalone_mode=False)
+        command(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -154,6 +156,10 @@ def main() -> None:
     except ClipPruneError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+def main() -> None:
+    run(cli)
 
 
 if __name__ == "__main__":

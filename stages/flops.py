@@ -1,0 +1,48 @@
+"""flops: GFLOPs of every evaluated row at matched cost, by the formula and by fvcore (MACs convention)."""
+import click
+
+from clipprune import config
+from clipprune import vit as V
+from clipprune.cli import params_opt, run
+from clipprune.experiment import setup_gflops, setups_for
+from clipprune.flops import CONVENTION, fvcore_gflops
+from clipprune.io import write_json_atomic
+from clipprune.methods import build_method, prune
+from clipprune.pipeline import REPORTS, load_clip
+
+
+def fvcore_of(setup, model) -> float:
+    """fvcore's count for a row; the golden oracle's ops are random pruning's at the same keep (a gather)."""
+    method = build_method("random") if setup.method.name == "ranking" else setup.method
+    if setup.tokens is not None and setup.tokens.is_file():
+        from clipprune.prompts import TunedTokens
+
+        TunedTokens.load(setup.tokens).apply(model, method=method, keep=setup.keep, layer=setup.layer)
+    else:
+        prune(model, method, keep=setup.keep, layer=setup.layer)
+    try:
+        return fvcore_gflops(model)
+    finally:
+        V.unpatch(model)
+
+
+@click.command()
+@params_opt
+def main(params_path: str) -> None:
+    """Write reports/flops.json: per dataset and row, the setting, analytic and fvcore GFLOPs."""
+    data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    model, _, _ = load_clip(model_p)
+    dims = V.ViTDims.of(model.visual)
+    table = {"convention": CONVENTION, "datasets": {}}
+    for dataset in data.datasets:
+        rows = {}
+        for label, s in setups_for(dataset, data=data, golden=golden, prune=prune_p, dims=dims, labels=tuple(eval_p.methods)).items():
+            rows[label] = {"setting": s.describe(), "gflops": round(setup_gflops(s, dims), 6),
+                           "gflops_fvcore": round(fvcore_of(s, model), 6)}
+        table["datasets"][dataset] = rows
+        click.echo(f"flops: {dataset}: " + ", ".join(f"{k} {v['gflops']:.4f}" for k, v in rows.items()))
+    write_json_atomic(REPORTS / "flops.json", table)
+
+
+if __name__ == "__main__":
+    run(main)

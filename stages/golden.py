@@ -1,0 +1,62 @@
+"""golden: Golden Ranking of the train and test images (Phase I); shard it with torchrun -m stages.golden."""
+import click
+import torch
+
+from clipprune import config
+from clipprune.cli import params_opt, run
+from clipprune.data import load_dataset
+from clipprune.dist import init_from_env, shutdown
+from clipprune.errors import ClipPruneError
+from clipprune.golden import SearchConfig, load_ranking, run_search
+from clipprune.io import write_json_atomic
+from clipprune.pipeline import (CLIP_CKPT, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
+                                ranking_groups, ranking_path)
+from clipprune.zeroshot import classifier_weights
+
+
+def summary(path) -> dict:
+    """How much of the score survives as the search eliminates 25/50/75% of the units (mean over images)."""
+    r = load_ranking(path)
+    n = r.unit_scores.shape[1]
+    return {"n_images": len(r.labels), **{f"score_at_{q}pct": round(float(r.unit_scores[:, min(n - 1, n * q // 100)].mean()), 6)
+                                         for q in (25, 50, 75)}}
+
+
+@click.command()
+@params_opt
+@click.option("--progress/--no-progress", default=True, help="tqdm progress bars.")
+def main(params_path: str, progress: bool) -> None:
+    """Rank every patch of the first golden.n_train train images and of the whole test split.
+
+    Resumable: shards land in rankings/<key>-<split>.pt.shards/ and a rerun skips the finished ones.
+    """
+    data, model, prune, golden = config.load("data", "model", "prune", "golden", path=params_path)
+    rank, _ = init_from_env()
+    clip, preprocess, tokenizer = load_clip(model)
+    cfg = SearchConfig(layer=prune.layer, unit=golden.unit, per_round=golden.per_round, budget=golden.budget,
+                       score=golden.score, chunk_tokens=golden.chunk_tokens)
+    report = {}
+    for key, name in ranking_groups(data, golden).items():
+        for split in ("train", "test"):
+            ds = load_dataset(name, root=dataset_root(data, name), split=split, transform=preprocess)
+            if ds.iterable:
+                raise ClipPruneError(f"golden search needs an indexable dataset; {name} streams (wds): use a folder or synth copy")
+            dataset = ds.dataset
+            if split == "train":
+                dataset = torch.utils.data.Subset(dataset, range(min(golden.n_train, len(dataset))))
+            classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates)
+                          if golden.score in ("label", "max") else None)
+            meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
+                    "fingerprint": dataset_fingerprint(name, split, dataset)}
+            out = ranking_path(key, split)
+            run_search(model=clip, dataset=dataset, cfg=cfg, out_path=out, meta=meta, classifier=classifier,
+                       batch_size=golden.batch_size, shard_size=golden.shard_size, progress=progress and rank == 0)
+            if rank == 0:
+                report[f"{key}-{split}"] = summary(out)
+    if rank == 0:
+        write_json_atomic(REPORTS / "golden.json", report)
+    shutdown()
+
+
+if __name__ == "__main__":
+    run(main)

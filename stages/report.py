@@ -1,0 +1,67 @@
+"""report: aggregate the evaluations into reports/metrics.json, DVC plot data, seaborn figures and summary.md."""
+import json
+from pathlib import Path
+
+import click
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from clipprune import config, report
+from clipprune.cli import params_opt, run
+from clipprune.io import write_bytes_atomic, write_json_atomic
+from clipprune.pipeline import REPORTS
+
+
+def overlays(data, model_p, prune_p, golden, eval_p) -> None:
+    """Which patches each method kept on a few test images of the first dataset (reports/figures/overlays.png)."""
+    from clipprune.data import load_dataset
+    from clipprune.experiment import setups_for
+    from clipprune.golden import load_ranking
+    from clipprune.methods import prune
+    from clipprune import vit as V
+    from clipprune.pipeline import dataset_root, load_clip
+
+    name = data.datasets[0]
+    model, preprocess, _ = load_clip(model_p)
+    ds = load_dataset(name, root=dataset_root(data, name), split="test", transform=preprocess)
+    n = min(eval_p.overlay_images, len(ds.dataset))
+    x = torch.stack([ds.dataset[i][0] for i in range(n)])
+    cfg = getattr(model.visual, "preprocess_cfg", {})
+    mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN))[:, None, None]
+    std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD))[:, None, None]
+    pixels = x * std + mean  # back to [0, 1] for display
+    masks = {}
+    rows = setups_for(name, data=data, golden=golden, prune=prune_p, dims=V.ViTDims.of(model.visual),
+                      labels=tuple(m for m in ("random", "cls_attention", "golden", "predictor") if m in eval_p.methods))
+    for label, s in rows.items():
+        prune(model, s.method, keep=s.keep, layer=s.layer)
+        if s.ranking is not None:
+            s.method.bind(load_ranking(s.ranking).patch_order[:n])
+        masks[label] = report.kept_patches(model, x, layer=s.layer, forward=model.encode_image)
+        V.unpatch(model)
+    report.overlay_figure(pixels, masks, model.visual.grid_size, REPORTS / "figures" / "overlays.png")
+
+
+@click.command()
+@params_opt
+def main(params_path: str) -> None:
+    """Write reports/metrics.json, reports/plots/*.csv, reports/figures/*.png and reports/summary.md."""
+    data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    results = report.collect(REPORTS / "eval", data.datasets, eval_p.methods)
+    pred_path = REPORTS / "predictor.json"
+    predictor = json.loads(pred_path.read_text()) if pred_path.is_file() else None
+    metrics = report.build_metrics(results, predictor=predictor)
+    write_json_atomic(REPORTS / "metrics.json", metrics)
+    sweep = json.loads((REPORTS / "sweep.json").read_text())
+    vs_keep = report.plot_rows(metrics, sweep)
+    report.write_plot_data(REPORTS / "plots", metrics, vs_keep)
+    report.figures(metrics, vs_keep, REPORTS / "figures")
+    overlays(data, model_p, prune_p, golden, eval_p)
+    flops = json.loads((REPORTS / "flops.json").read_text())
+    params = config.load_params(params_path)
+    write_bytes_atomic(REPORTS / "summary.md", report.summary_markdown(metrics, flops, params=params, predictor=predictor).encode())
+    click.echo((REPORTS / "summary.md").read_text().split("## Predictor")[0])
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,32 @@
+"""sweep: accuracy of each method across keep ratios, every point at the predictor's GFLOPs for that keep."""
+import click
+from tqdm import tqdm
+
+from clipprune import config
+from clipprune import vit as V
+from clipprune.cli import params_opt, run
+from clipprune.experiment import evaluate_setup, setup_gflops, setups_for
+from clipprune.io import write_json_atomic
+from clipprune.pipeline import REPORTS, load_clip
+
+
+@click.command()
+@params_opt
+def main(params_path: str) -> None:
+    """Write reports/sweep.json: one row per dataset x method x keep (acc1, GFLOPs), on eval.sweep_images images."""
+    data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    dims = V.ViTDims.of(load_clip(model_p)[0].visual)
+    jobs = [(d, k, label, s) for d in data.datasets for k in eval_p.sweep_keeps
+            for label, s in setups_for(d, data=data, golden=golden, prune=prune_p, dims=dims,
+                                       labels=tuple(eval_p.sweep_methods), keep=k).items()]
+    rows = []
+    for dataset, keep, label, setup in tqdm(jobs, desc="sweep", unit="run"):
+        metrics = evaluate_setup(setup, dataset=dataset, data=data, model_params=model_p, eval_params=eval_p,
+                                 limit=eval_p.sweep_images)
+        rows.append({"dataset": dataset, "method": label, "keep": keep, "gflops": round(setup_gflops(setup, dims), 6),
+                     "acc1": metrics["acc1"]})
+    write_json_atomic(REPORTS / "sweep.json", {"images_per_point": eval_p.sweep_images, "rows": rows})
+
+
+if __name__ == "__main__":
+    run(main)

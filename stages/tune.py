@@ -1,0 +1,39 @@
+"""tune: learn visual tokens and text context few-shot on the predictor-pruned CLIP (Phase III), and, as the
+unpruned reference of the same tuning, on the full CLIP; only the learned tensors are saved."""
+import click
+
+from clipprune import config
+from clipprune.cli import params_opt, run
+from clipprune.data import load_dataset
+from clipprune.experiment import predictor_path, tokens_path
+from clipprune.io import write_json_atomic
+from clipprune.methods import build_method
+from clipprune.pipeline import REPORTS, dataset_root, group_of, load_clip, safe_name
+from clipprune.prompts import tune
+
+
+@click.command()
+@params_opt
+def main(params_path: str) -> None:
+    """For each dataset: tokens for predictor pruning at (prune.keep, prune.layer), and for the full model."""
+    data, model_p, prune_p, golden, tune_p = config.load("data", "model", "prune", "golden", "tune", path=params_path)
+    visual = {"n": tune_p.visual_tokens, "deep": tune_p.deep} if tune_p.visual_tokens else None
+    text = {"n_ctx": None if tune_p.text_init else tune_p.text_ctx, "init": tune_p.text_init} if tune_p.text_ctx else None
+    report = {}
+    for dataset in data.datasets:
+        model, preprocess, tokenizer = load_clip(model_p)
+        ds = load_dataset(dataset, root=dataset_root(data, dataset), split="train", transform=preprocess)
+        predictor = build_method("predictor", path=str(predictor_path(group_of(data, golden, dataset))))
+        for pruned, method, keep in ((True, predictor, prune_p.keep), (False, build_method("full"), 1.0)):
+            tuned = tune(model=model, tokenizer=tokenizer, train_set=ds.dataset, classnames=ds.classnames,
+                         templates=ds.templates, method=method, keep=keep, layer=prune_p.layer, visual=visual, text=text,
+                         shots=tune_p.shots, epochs=tune_p.epochs, lr=tune_p.lr, batch_size=tune_p.batch_size,
+                         seed=tune_p.seed, log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
+            tuned.save(tokens_path(dataset, pruned=pruned))
+            report[f"{dataset}/{'pruned' if pruned else 'full'}"] = {
+                "first_epoch_loss": round(tuned.history[0], 6), "last_epoch_loss": round(tuned.history[-1], 6)}
+    write_json_atomic(REPORTS / "tune.json", report)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,114 @@
+"""The pipeline's shared pieces: params validation, the accuracy gate, reports, ranking groups."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clipprune import config, report
+from clipprune import methods as M
+from clipprune import vit as V
+from clipprune.errors import ClipPruneError
+from clipprune.pipeline import ranking_groups
+from conftest import tiny_clip
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_params_validate():
+    params = config.load_params(ROOT / "params.yaml")
+    for name in config.SECTIONS:
+        config.section(params, name)  # every section of the shipped profile is valid
+    assert set(params) == set(config.SECTIONS)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    ({"prune": {"keep": "most"}}, "'prune.keep' must be float"),
+    ({"prune": {"kep": 0.5}}, "unknown key 'prune.kep'"),
+    ({"golden": {"per_round": 1.5}}, "'golden.per_round' must be int"),
+    ({"data": {"datasets": "synth/shape"}}, "'data.datasets' must be list"),
+    ({"nonsense": {}}, "unknown section"),
+])
+def test_bad_params_are_one_clear_error(tmp_path, edit, msg):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in edit.items():
+        params.setdefault(section, {}).update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(ClipPruneError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        params = config.load_params(path)
+        for name in config.SECTIONS:
+            config.section(params, name)
+
+
+def test_stage_with_bad_params_exits_with_one_line(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prune"]["keep"] = "most"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = subprocess.run([sys.executable, "-m", "stages.check", "--params", str(tmp_path / "params.yaml")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["error: params: 'prune.keep' must be float, got 'most'"]
+
+
+def metrics_with(full: float, method: float) -> dict:
+    results = {d: {m: {"metrics": {"acc1": a}, "gflops": g} for m, a, g in (("full", full, 1.0), ("predictor", method, 0.7))}
+               for d in ("synth/a", "synth/b")}
+    return report.build_metrics(results)
+
+
+def test_gate_fails_when_max_drop_is_below_the_measured_drop():
+    metrics = metrics_with(0.90, 0.86)  # measured drop 0.04
+    assert report.gate(metrics, None, method="predictor", max_drop=0.05, tolerance=0.01) == []
+    failures = report.gate(metrics, None, method="predictor", max_drop=0.03, tolerance=0.01)
+    assert len(failures) == 1 and "loses 0.0400" in failures[0]
+
+
+def test_gate_fails_on_regression_against_committed_metrics():
+    committed, now = metrics_with(0.90, 0.88), metrics_with(0.90, 0.86)
+    assert report.gate(now, committed, method="predictor", max_drop=0.5, tolerance=0.03) == []
+    failures = report.gate(now, committed, method="predictor", max_drop=0.5, tolerance=0.01)
+    assert len(failures) == 2 and all("fell 0.8800 -> 0.8600" in f for f in failures)
+
+
+def test_gate_needs_both_rows():
+    assert "no mean acc1" in report.gate(metrics_with(0.9, 0.8), None, method="tome", max_drop=1, tolerance=1)[0]
+
+
+def test_check_stage_exit_codes(tmp_path):
+    """The gate as CI runs it: exit 1 with the reason when max_drop is below the drop, 0 otherwise."""
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "metrics.json").write_text(json.dumps(metrics_with(0.90, 0.86)))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["prune"]["method"] = "predictor"
+    for max_drop, code in ((0.03, 1), (0.05, 0)):
+        params["check"]["max_drop"] = max_drop
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        out = subprocess.run([sys.executable, "-m", "stages.check", "--no-against-git"], capture_output=True, text=True,
+                             cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == code, out.stderr
+        assert ("check failed" in out.stderr) == (code == 1)
+
+
+def test_kept_patches_recovers_each_selection():
+    model = tiny_clip()
+    x = torch.randn(3, 3, 32, 32)
+    n = V.num_patches(model.visual)
+    order = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+    method = M.build_method("ranking")
+    M.prune(model, method, keep=0.5, layer=2)
+    method.bind(order)
+    mask = report.kept_patches(model, x, layer=2, forward=model.encode_image)
+    V.unpatch(model)
+    for b in range(3):
+        assert sorted(mask[b].nonzero()[:, 0].tolist()) == sorted(order[b, n // 2:].tolist())
+
+
+def test_synth_tasks_share_one_label_free_ranking():
+    data = config.DataParams(datasets=["synth/shape", "synth/colour", "wds/cifar10"])
+    assert ranking_groups(data, config.GoldenParams(score="similarity")) == {"synth": "synth/shape", "wds-cifar10": "wds/cifar10"}
+    assert ranking_groups(data, config.GoldenParams(score="label")) == {
+        "synth-shape": "synth/shape", "synth-colour": "synth/colour", "wds-cifar10": "wds/cifar10"}
