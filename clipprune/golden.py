@@ -66,7 +66,7 @@ class SearchConfig:
     per_round: int = 0
     budget: float = 1.0
     score: str = "similarity"
-    chunk_tokens: int = 1 << 17  # memory bound: tokens per candidate batch through blocks >= L
+    chunk_tokens: int = 4096  # tokens per candidate batch through blocks >= L: small enough to stay in cache
 
     def check(self, vit) -> None:
         V.check_setting(vit, keep=1.0, layer=self.layer)
