@@ -67,7 +67,7 @@ class GoldenParams:
 @dataclass
 class PredictorParams:
     loss: str = "topset_kl"  # topset_kl | listnet | pairwise
-    d: int = 64  # channel width after reduction
+    d: int = 16  # channel width after reduction
     epochs: int = 30
     lr: float = 1e-3
     weight_decay: float = 1e-4

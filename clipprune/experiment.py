@@ -53,7 +53,9 @@ def setups_for(dataset: str, *, data: DataParams, golden: GoldenParams, prune: P
     layer = prune.layer
     key = group_of(data, golden, dataset)
     predictor = build_method("predictor", path=str(predictor_path(key)))
-    target = analytic_gflops(dims, predictor, keep=keep, layer=layer)
+    # Capped at the full model: at keep 1.0 the predictor's own cost would ask the baselines for more than full.
+    target = min(analytic_gflops(dims, predictor, keep=keep, layer=layer),
+                 analytic_gflops(dims, build_method("full"), keep=1.0, layer=layer))
     out = {}
     for label in labels:
         if label == "full":
@@ -79,12 +81,11 @@ def setups_for(dataset: str, *, data: DataParams, golden: GoldenParams, prune: P
 
 def setup_gflops(setup: Setup, dims: V.ViTDims) -> float:
     """Analytic GFLOPs of a row (the flops stage cross-checks these with fvcore)."""
-    extra = 0
-    if setup.tokens is not None:
+    if setup.tokens is not None and setup.tokens.is_file():
         from .prompts import TunedTokens
 
-        extra = TunedTokens.load(setup.tokens).n_visual() if setup.tokens.is_file() else 0
-    return analytic_gflops(dims, setup.method, keep=setup.keep, layer=setup.layer, extra_tokens=extra)
+        return TunedTokens.load(setup.tokens).analytic_gflops(dims, setup.method, keep=setup.keep, layer=setup.layer)
+    return analytic_gflops(dims, setup.method, keep=setup.keep, layer=setup.layer)
 
 
 def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params: ModelParams, eval_params: EvalParams,

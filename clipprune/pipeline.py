@@ -56,6 +56,16 @@ def group_of(data: DataParams, golden: GoldenParams, dataset: str) -> str:
     raise ClipPruneError(f"dataset {dataset!r} has no ranking group")
 
 
+def read_report(name: str, *, stage: str) -> dict:
+    """reports/<name> written by an upstream stage; one clear error when that stage has not run."""
+    import json
+
+    path = REPORTS / name
+    if not path.is_file():
+        raise ClipPruneError(f"missing {path}: run the {stage} stage first (dvc repro {stage})")
+    return json.loads(path.read_text())
+
+
 def ranking_path(key: str, split: str) -> Path:
     return RANKINGS / f"{key}-{split}.pt"
 

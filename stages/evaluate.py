@@ -1,6 +1,4 @@
 """evaluate: zero-shot top-1 of every dataset x row at matched GFLOPs -> reports/eval/<dataset>/<row>.json."""
-import json
-
 import click
 from tqdm import tqdm
 
@@ -8,7 +6,7 @@ from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.experiment import evaluate_setup, setups_for
 from clipprune.io import write_json_atomic
-from clipprune.pipeline import REPORTS, safe_name
+from clipprune.pipeline import REPORTS, read_report, safe_name
 from clipprune.zeroshot import result_record
 
 
@@ -17,7 +15,7 @@ from clipprune.zeroshot import result_record
 def main(params_path: str) -> None:
     """Evaluate each eval.methods row on each dataset's test split through clip_benchmark."""
     data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
-    flops = json.loads((REPORTS / "flops.json").read_text())["datasets"]
+    flops = read_report("flops.json", stage="flops")["datasets"]
     from clipprune import vit as V
     from clipprune.pipeline import load_clip
 

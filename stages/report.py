@@ -1,7 +1,4 @@
 """report: aggregate the evaluations into reports/metrics.json, DVC plot data, seaborn figures and summary.md."""
-import json
-from pathlib import Path
-
 import click
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -9,7 +6,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clipprune import config, report
 from clipprune.cli import params_opt, run
 from clipprune.io import write_bytes_atomic, write_json_atomic
-from clipprune.pipeline import REPORTS
+from clipprune.pipeline import REPORTS, read_report
 
 
 def overlays(data, model_p, prune_p, golden, eval_p) -> None:
@@ -48,16 +45,15 @@ def main(params_path: str) -> None:
     """Write reports/metrics.json, reports/plots/*.csv, reports/figures/*.png and reports/summary.md."""
     data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
     results = report.collect(REPORTS / "eval", data.datasets, eval_p.methods)
-    pred_path = REPORTS / "predictor.json"
-    predictor = json.loads(pred_path.read_text()) if pred_path.is_file() else None
+    predictor = read_report("predictor.json", stage="predictor")
     metrics = report.build_metrics(results, predictor=predictor)
     write_json_atomic(REPORTS / "metrics.json", metrics)
-    sweep = json.loads((REPORTS / "sweep.json").read_text())
+    sweep = read_report("sweep.json", stage="sweep")
     vs_keep = report.plot_rows(metrics, sweep)
     report.write_plot_data(REPORTS / "plots", metrics, vs_keep)
     report.figures(metrics, vs_keep, REPORTS / "figures")
     overlays(data, model_p, prune_p, golden, eval_p)
-    flops = json.loads((REPORTS / "flops.json").read_text())
+    flops = read_report("flops.json", stage="flops")
     params = config.load_params(params_path)
     write_bytes_atomic(REPORTS / "summary.md", report.summary_markdown(metrics, flops, params=params, predictor=predictor).encode())
     click.echo((REPORTS / "summary.md").read_text().split("## Predictor")[0])

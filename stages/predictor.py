@@ -1,0 +1,43 @@
+"""predictor: learn the Golden Ranking from the pruned model's own layer-L tokens (Phase II); test-split fidelity."""
+import click
+import torch
+
+from clipprune import config
+from clipprune.cli import params_opt, run
+from clipprune.data import load_dataset
+from clipprune.experiment import predictor_path
+from clipprune.golden import load_ranking
+from clipprune.io import write_json_atomic
+from clipprune.pipeline import REPORTS, dataset_root, load_clip, ranking_groups, ranking_path
+from clipprune.predictor import save_predictor, train_predictor
+
+
+@click.command()
+@params_opt
+def main(params_path: str) -> None:
+    """One predictor per ranking group (one for all synthetic tasks with a label-free score), trained on the
+    train-split golden rankings; top-k overlap and Kendall tau on the test split are DVC metrics."""
+    data, model_p, prune_p, golden, pred = config.load("data", "model", "prune", "golden", "predictor", path=params_path)
+    model, preprocess, _ = load_clip(model_p)
+    report = {}
+    for key, name in ranking_groups(data, golden).items():
+        train_rank, test_rank = load_ranking(ranking_path(key, "train")), load_ranking(ranking_path(key, "test"))
+        root = dataset_root(data, name)
+        train = load_dataset(name, root=root, split="train", transform=preprocess).dataset
+        test = load_dataset(name, root=root, split="test", transform=preprocess).dataset
+        train = torch.utils.data.Subset(train, range(len(train_rank.labels)))  # the ranked prefix
+        predictor, history = train_predictor(
+            model=model, dataset=train, ranking=train_rank, layer=prune_p.layer, keep=prune_p.keep, loss=pred.loss,
+            epochs=pred.epochs, lr=pred.lr, weight_decay=pred.weight_decay, batch_size=pred.batch_size, d=pred.d,
+            seed=pred.seed, log_dir=f"dvclive/predictor/{key}", test_dataset=test, test_ranking=test_rank)
+        save_predictor(predictor_path(key), predictor, {"key": key, "dataset": name, "layer": prune_p.layer,
+                                                        "keep": prune_p.keep, "loss": pred.loss})
+        final = history["test"][-1]
+        report[key] = {"topk_overlap": round(final["topk_overlap"], 6), "kendall_tau": round(final["kendall_tau"], 6),
+                       "gmacs": round(predictor.macs() / 1e9, 8)}
+        click.echo(f"predictor[{key}]: test top-k overlap {final['topk_overlap']:.4f}, Kendall tau {final['kendall_tau']:.4f}")
+    write_json_atomic(REPORTS / "predictor.json", report)
+
+
+if __name__ == "__main__":
+    run(main)
