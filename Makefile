@@ -26,3 +26,13 @@ repro: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The paper profile end to end on random ViT-B-16 weights and a tiny generated CoOp layout (~2 min, CPU).
+.PHONY: smoke-paper paper
+smoke-paper: $(STAMP)
+	CLIPPRUNE_SMOKE=1 $(BIN)/python -m pytest tests/test_paper_smoke.py
+
+# Switch to the paper profile (GPU + network, or local weights/datasets) and run it.
+paper: $(STAMP)
+	cp profiles/paper.yaml params.yaml
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro

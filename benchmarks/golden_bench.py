@@ -17,17 +17,7 @@ import open_clip
 import torch
 
 from clipprune import vit as V
-from clipprune.flops import block_macs
-from clipprune.golden import GoldenSearch, SearchConfig
-
-
-def forward_equivalents(dims: V.ViTDims, *, layer: int, per_candidate_tokens: int, candidates: int) -> float:
-    n = dims.n_patches + 1
-    full = dims.depth * block_macs(n, n, dims)
-    search = (layer * block_macs(n, n, dims)  # blocks < L, once
-              + (dims.depth - layer) * block_macs(n, n, dims)  # the unpruned embedding (similarity score)
-              + candidates * (dims.depth - layer) * block_macs(per_candidate_tokens, per_candidate_tokens, dims))
-    return search / full
+from clipprune.golden import GoldenSearch, SearchConfig, forward_equivalents
 
 
 def timed(fn, repeats: int) -> float:
@@ -67,7 +57,7 @@ def main(arch, layer, images, chunk_tokens, reference_candidates, as_json):
         V.apply_spec(vit, V.PruneSpec(layer=layer, n_keep=dims.n_patches - 1, select=lambda t, ctx: V.keep_patches(t, keep - 1)))
         t_ref_candidate = timed(lambda: vit(x[:1]), reference_candidates)
         V.unpatch(vit)
-    fwd_eq = forward_equivalents(dims, layer=layer, per_candidate_tokens=dims.n_patches, candidates=dims.n_patches)
+    fwd_eq = forward_equivalents(dims, cfg)
     flop_min = fwd_eq * t_full
     t_ref = t_ref_candidate * dims.n_patches + t_full  # every candidate + the unpruned pass
     result = {"model": arch, "layer": layer, "unit": 1, "mode": "one-shot", "threads": torch.get_num_threads(),

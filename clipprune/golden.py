@@ -91,6 +91,29 @@ def unit_masks(grid: tuple[int, int], k: int) -> Tensor:
     return unit_of[None, :] == torch.arange(n_units)[:, None]
 
 
+def forward_equivalents(dims: V.ViTDims, cfg: SearchConfig) -> float:
+    """The search's MACs per image over one full forward's (the formula, blocks only): its FLOP minimum.
+
+    Blocks < L once; blocks >= L once on the unpruned sequence (the similarity reference) and once per
+    candidate of every round. Units are taken as k*k patches (edge units of a grid k does not divide are smaller).
+    """
+    from .flops import block_macs
+
+    n, depth, layer = dims.n_patches + 1, dims.depth, cfg.layer
+    n_units = -(-dims.n_patches // (cfg.unit * cfg.unit))
+    per = cfg.unit * cfg.unit
+    n_rank, m = max(1, round(cfg.budget * n_units)), cfg.per_round or n_units
+    total = depth * block_macs(n, n, dims) if cfg.score == "similarity" else layer * block_macs(n, n, dims)
+    left, done = n_units, 0
+    while left > 0:
+        t = n - (n_units - left) * per - per  # tokens of a candidate: CLS + alive patches - one unit
+        total += left * (depth - layer) * block_macs(max(1, t), max(1, t), dims)
+        take = min(m, n_rank - done)
+        take = left if take >= left or done + take >= n_rank else take
+        left, done = left - take, done + take
+    return total / (depth * block_macs(n, n, dims))
+
+
 @dataclass
 class SearchResult:
     unit_order: Tensor  # [B, U] units, eliminated first -> last
@@ -123,7 +146,8 @@ class GoldenSearch:
         cfg, units = self.cfg, self.units.to(images.device)
         b, (n_units, n) = images.shape[0], units.shape
         h = V.run_blocks(self.vit, self.vit._embeds(images), stop=cfg.layer)  # blocks < L: once per image
-        ctx = {"full": self.embed(h), "labels": labels, "scale": self.scale, "classifier": self.classifier}
+        full = self.embed(h) if cfg.score == "similarity" else None  # the only score that needs the unpruned image
+        ctx = {"full": full, "labels": labels, "scale": self.scale, "classifier": self.classifier}
         if cfg.score == "label" and labels is None:
             raise ClipPruneError("golden score 'label' needs the labels")
         n_rank = max(1, round(cfg.budget * n_units))
@@ -171,7 +195,7 @@ class GoldenSearch:
                 o = owner[rr]
                 cls = torch.zeros(len(ii), 1, dtype=ii.dtype, device=ii.device)
                 tokens = h[o[:, None], torch.cat([cls, ii], dim=1)]  # CLS + kept (CLS alone once all are gone)
-                sub = {**ctx, "full": ctx["full"][o], "labels": None if ctx["labels"] is None else ctx["labels"][o]}
+                sub = {**ctx, **{k: ctx[k][o] for k in ("full", "labels") if ctx[k] is not None}}
                 out[rr] = SCORES[self.cfg.score](self.embed(tokens), sub).to(out.dtype)
         return out.view(b, r)
 

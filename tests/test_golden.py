@@ -174,3 +174,23 @@ def test_load_ranking_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a ranking")
     with pytest.raises(ClipPruneError, match="not a clipprune golden ranking"):
         load_ranking(tmp_path / "junk.pt")
+
+
+@pytest.mark.parametrize("cfg", [SearchConfig(layer=1), SearchConfig(layer=2, unit=2, per_round=1),
+                                 SearchConfig(layer=1, per_round=3, budget=0.4, score="max")])
+def test_forward_equivalents_count_what_the_search_runs(cfg):
+    """The cost model (README's GPU-hours, the benchmark's FLOP minimum) equals the blocks the engine executes."""
+    from clipprune.flops import block_macs
+    from clipprune.golden import forward_equivalents
+
+    model = tiny_clip()
+    dims = V.ViTDims.of(model.visual)
+    classifier = F.normalize(torch.randn(32, 3), dim=0)
+    search = GoldenSearch(model, cfg, classifier=classifier)
+    macs = []
+    embed = search.embed
+    search.embed = lambda x: macs.append(len(x) * (dims.depth - cfg.layer) * block_macs(x.shape[1], x.shape[1], dims)) or embed(x)
+    search.search(torch.randn(1, 3, 32, 32), torch.tensor([1]))
+    n = dims.n_patches + 1
+    prefix = cfg.layer * block_macs(n, n, dims)
+    assert (prefix + sum(macs)) / (dims.depth * block_macs(n, n, dims)) == pytest.approx(forward_equivalents(dims, cfg), rel=1e-9)
