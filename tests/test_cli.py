@@ -27,7 +27,7 @@ def test_flops_json_on_a_small_grid():
     assert r["pruned_gflops"] == pytest.approx(r["pruned_gflops_analytic"], rel=0.01)
 
 
-@pytest.mark.parametrize("args,msg", [
+BAD = [
     (["flops", "--keep", "0"], "keep must be in (0, 1]"),
     (["flops", "--layer", "12"], "layer must be in [0, 12)"),
     (["flops", "--method", "evit"], "unknown method"),
@@ -35,11 +35,26 @@ def test_flops_json_on_a_small_grid():
     (["flops", "-o", "fuse"], "not key=value"),
     (["bench", "--batch", "0"], "--batch"),
     (["match", "--keep", "1.5"], "keep must be in (0, 1]"),
-])
-def test_bad_input_is_one_line_and_nonzero(args, msg):
+]
+
+
+@pytest.mark.parametrize("args,msg", BAD)
+def test_bad_input_is_one_line_and_exit_2(args, msg, capsys):
+    """In-process (the interpreter start costs more than the check): run() turns the error into one line."""
+    from clipprune.cli import cli, run
+
+    with pytest.raises(SystemExit) as e, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["clipprune", *args])
+        run(cli)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert e.value.code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], lines
+
+
+@pytest.mark.parametrize("args,msg", [BAD[0], BAD[3]])
+def test_bad_input_from_the_shell_has_no_traceback(args, msg):
     out = clipprune(*args)
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and msg in lines[0], out.stderr
 
