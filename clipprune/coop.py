@@ -340,17 +340,9 @@ def materialise(name: str, *, dest: str | Path, source: str | Path | None = None
     if source is not None:
         src = dataset_dir(spec.name, root=source)
         # Copy, never hardlink (as data.materialise): DVC makes its outputs read-only through the cache.
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp / spec.folder)
-        try:
-            _check(spec, tmp, splits)
-        except DataError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-        return dest
+        from .data import staged_copy
+
+        return staged_copy(src, dest, into=spec.folder, check=lambda tmp: _check(spec, tmp, splits))
     if not download:
         raise DataError(f"{dest}: coop/{spec.name} needs its files: set a local source root in params, enable "
                         f"download (needs network), or by hand {SOURCES[spec.name].howto} (DATA = {dest})")

@@ -230,6 +230,22 @@ def few_shot_indices(labels: Sequence[int], *, shots: int, seed: int) -> list[in
     return sorted(picked)
 
 
+def staged_copy(source: Path, dest: Path, *, check, into: str = "") -> Path:
+    """Copy `source` to `dest/into` through `dest.partial`, run `check(partial)`, then rename into place:
+    a layout that does not load never becomes a DVC output, and a failed copy leaves nothing behind."""
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp / into if into else tmp)
+    try:
+        check(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
 def materialise(name: str, *, dest: str | Path, source: str | Path | None = None, n_train: int | None = None,
                 n_test: int | None = None, seed: int = 0, download: bool = False,
                 splits: Sequence[str] = ("train", "test")) -> Path:
@@ -260,21 +276,11 @@ def materialise(name: str, *, dest: str | Path, source: str | Path | None = None
             raise DataError(f"{source}: none of the splits {list(splits)} is there; expected {source}/<split>/")
         # Copy, never hardlink: DVC moves outputs into its cache and makes them read-only, which through a
         # hardlink would change the (shared, read-only) source files too.
-        tmp = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        try:
-            for s in present:  # a layout that does not load must not become a DVC output
-                if name == "folder":
-                    load_dataset("folder", root=tmp, split=s)
-                else:
-                    check_wds_root(tmp, split=s)
-        except DataError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-        return dest
+        def check(root: Path) -> None:
+            for s in present:
+                load_dataset("folder", root=root, split=s) if name == "folder" else check_wds_root(root, split=s)
+
+        return staged_copy(source, dest, check=check)
     if name.startswith("coop/"):
         from clipprune import coop
 

@@ -19,6 +19,15 @@ def tiny_clip(*, image_size: int = 32, patch_size: int = 8, width: int = 64, lay
     ).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from a second thread; on a shared 2-core machine they lose ~10x to it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny():
     return tiny_clip()

@@ -16,13 +16,7 @@ from conftest import tiny_clip
 VIT_B16 = V.ViTDims(n_patches=196, width=768, heads=12, depth=12, mlp_width=3072, patch=16, out_dim=512)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second thread only adds synchronisation.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fvcore_gmacs(module, x):

@@ -42,13 +42,7 @@ def text_clip(seed: int = 0) -> CLIP:
                 text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)).eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small gain nothing from a second thread; a shared CPU loses by it.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
