@@ -40,6 +40,18 @@ class LoadedDataset:
     dataset: torch.utils.data.Dataset  # map-style, or an IterableDataset for wds/ (no len, no indexing)
     classnames: list[str]
     templates: list[str]
+    _transform: object = None  # kept for indexable(): the stream is re-read untransformed
+    _raw: object = None  # () -> [(PIL image, label)] for streams
+
+    def indexable(self) -> torch.utils.data.Dataset:
+        """A map-style view (golden search, predictor and tuning index images by position).
+
+        Streams (wds/) are read once into memory as decoded images, in file order — the order evaluation
+        streams them in, so rankings stay aligned — and transformed on access.
+        """
+        if not self.iterable:
+            return self.dataset
+        return InMemoryDataset(self._raw(), transform=self._transform, classes=self.classnames, templates=self.templates)
 
     @property
     def iterable(self) -> bool:
@@ -64,10 +76,14 @@ def load_dataset(name: str, *, root: str | Path | None, split: str, transform=No
     if name.startswith("wds/"):
         root = _existing_root(name, root)
         check_wds_root(root, split=split)
-        ds = _build_clip_benchmark(name, root=root, split=split, transform=transform, download=False)
-        # A stage after decoding turns webdataset's opaque DecodingError into a DataError naming shard and key.
-        ds = ds.compose(_reraise_decoding_errors)
-        return LoadedDataset(ds, list(ds.classes), list(ds.templates))
+        def build(t):
+            ds = _build_clip_benchmark(name, root=root, split=split, transform=t, download=False)
+            # A stage after decoding turns webdataset's opaque DecodingError into a DataError naming shard and key.
+            return ds.compose(_reraise_decoding_errors)
+
+        ds = build(transform)
+        return LoadedDataset(ds, list(ds.classes), list(ds.templates), _transform=transform,
+                             _raw=lambda: [(img, int(y)) for img, y in build(_identity)])
     if name == "folder":
         return _load_folder(_existing_root(name, root), split=split, transform=transform)
     if name.startswith("coop/"):
@@ -81,6 +97,28 @@ def load_dataset(name: str, *, root: str | Path | None, split: str, transform=No
     if not isinstance(ds, torch.utils.data.IterableDataset) and hasattr(ds, "__len__") and len(ds) == 0:
         raise DataError(f"{root}: {name} split {split!r} has no samples; check the root or re-download it")
     return LoadedDataset(ds, list(ds.classes), list(ds.templates))
+
+
+def _identity(x):
+    return x
+
+
+class InMemoryDataset(torch.utils.data.Dataset):
+    """(image, label) pairs held in memory, transformed on access; `.targets`, `.classes`, `.templates`."""
+
+    def __init__(self, samples: list, *, transform=None, classes: list[str], templates: list[str]):
+        if not samples:
+            raise DataError("the dataset stream has no samples")
+        self.samples, self.transform = samples, transform
+        self.targets = [y for _, y in samples]
+        self.classes, self.templates = list(classes), list(templates)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        img, y = self.samples[i]
+        return (self.transform(img) if self.transform else img), y
 
 
 def _existing_root(name: str, root: str | Path | None) -> Path:

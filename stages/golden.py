@@ -6,7 +6,6 @@ from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import init_from_env, shutdown
-from clipprune.errors import ClipPruneError
 from clipprune.golden import SearchConfig, load_ranking, run_search
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import (CLIP_CKPT, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
@@ -39,9 +38,7 @@ def main(params_path: str, progress: bool) -> None:
     for key, name in ranking_groups(data, golden).items():
         for split in ("train", "test"):
             ds = load_dataset(name, root=dataset_root(data, name), split=split, transform=preprocess)
-            if ds.iterable:
-                raise ClipPruneError(f"golden search needs an indexable dataset; {name} streams (wds): use a folder or synth copy")
-            dataset = ds.dataset
+            dataset = ds.indexable()
             if split == "train":
                 dataset = torch.utils.data.Subset(dataset, range(min(golden.n_train, len(dataset))))
             classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates)

@@ -23,8 +23,8 @@ def main(params_path: str) -> None:
     for key, name in ranking_groups(data, golden).items():
         train_rank, test_rank = load_ranking(ranking_path(key, "train")), load_ranking(ranking_path(key, "test"))
         root = dataset_root(data, name)
-        train = load_dataset(name, root=root, split="train", transform=preprocess).dataset
-        test = load_dataset(name, root=root, split="test", transform=preprocess).dataset
+        train = load_dataset(name, root=root, split="train", transform=preprocess).indexable()
+        test = load_dataset(name, root=root, split="test", transform=preprocess).indexable()
         train = torch.utils.data.Subset(train, range(len(train_rank.labels)))  # the ranked prefix
         predictor, history = train_predictor(
             model=model, dataset=train, ranking=train_rank, layer=prune_p.layer, keep=prune_p.keep, loss=pred.loss,

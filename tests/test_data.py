@@ -223,3 +223,18 @@ def test_real_cifar10_wds_first_samples():
     assert len(ld.templates) == 18 and all("{c}" in t for t in ld.templates)
     images, labels = next(iter(ld.loader(batch_size=5)))
     assert images.shape == (5, 3, 32, 32) and all(0 <= y < 10 for y in labels.tolist())
+
+
+def test_wds_indexable_matches_the_stream_in_order(tmp_path):
+    """Golden search indexes images by position; evaluation streams them: both must see the same order."""
+    from torchvision.transforms import ToTensor
+
+    root = make_wds(tmp_path / "wds", labels={"test": [2, 0, 1, 1, 0]})
+    ds = load_dataset("wds/toy", root=root, split="test", transform=ToTensor())
+    streamed = list(ds.dataset)
+    indexed = ds.indexable()
+    assert len(indexed) == 5 and indexed.targets == [2, 0, 1, 1, 0] and indexed.classes == ["cat", "dog", "fish"]
+    for i, (x, y) in enumerate(streamed):
+        assert torch.equal(indexed[i][0], x) and indexed[i][1] == y
+    folder = load_dataset("folder", root=make_folder(tmp_path / "f"), split="test")
+    assert folder.indexable() is folder.dataset  # map-style datasets are already indexable
