@@ -23,7 +23,7 @@ class DataParams:
     source: Optional[str] = None  # local root to copy from (wds/folder/coop); None: generate or download
     download: bool = False  # allow the data stage to download (needs a network)
     n_train: int = 20000  # synthetic world: training image-caption pairs
-    n_test: int = 2000  # synthetic world: held-out test images (shared by every task)
+    n_test: int = 2000  # test images: generated (synth) or the first n_test of a larger test split
     seed: int = 0
 
 

@@ -101,11 +101,12 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
 
     model, preprocess, tokenizer = load_clip(model_params)
     ds = load_dataset(dataset, root=dataset_root(data, dataset), split="test", transform=preprocess)
-    dataset_obj = ds.dataset
-    if limit is not None and not ds.iterable and limit < len(dataset_obj):
+    # The first data.n_test test images (all of a generated world's); the golden stage ranks exactly these.
+    limit = data.n_test if limit is None else min(limit, data.n_test)
+    dataset_obj = ds.indexable() if ds.iterable else ds.dataset
+    if limit < len(dataset_obj):
         dataset_obj = torch.utils.data.Subset(dataset_obj, range(limit))
-    loader = torch.utils.data.DataLoader(dataset_obj, batch_size=eval_params.batch_size, shuffle=False) \
-        if not ds.iterable else ds.loader(batch_size=eval_params.batch_size)
+    loader = torch.utils.data.DataLoader(dataset_obj, batch_size=eval_params.batch_size, shuffle=False)
     if setup.tokens is not None:
         from .prompts import TunedTokens
 
@@ -118,9 +119,6 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
         prune(model, setup.method, keep=setup.keep, layer=setup.layer)
         classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates)
     if setup.ranking is not None:
-        order = load_ranking(setup.ranking).patch_order
-        if limit is not None:
-            order = order[:limit]
-        loader = bound_batches(loader, setup.method, order)
+        loader = bound_batches(loader, setup.method, load_ranking(setup.ranking).patch_order[:len(dataset_obj)])
     return evaluate(model, loader, tokenizer=tokenizer, classnames=ds.classnames, templates=ds.templates,
                     classifier=classifier)

@@ -39,8 +39,9 @@ def main(params_path: str, progress: bool) -> None:
         for split in ("train", "test"):
             ds = load_dataset(name, root=dataset_root(data, name), split=split, transform=preprocess)
             dataset = ds.indexable()
-            if split == "train":
-                dataset = torch.utils.data.Subset(dataset, range(min(golden.n_train, len(dataset))))
+            cap = golden.n_train if split == "train" else data.n_test  # test: exactly the images evaluated
+            if cap < len(dataset):
+                dataset = torch.utils.data.Subset(dataset, range(cap))
             classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates)
                           if golden.score in ("label", "max") else None)
             meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
