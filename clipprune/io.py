@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write `data` to a temp file beside `path`, fsync, then rename it into place."""
@@ -16,6 +19,7 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the permissions open() would give
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
