@@ -26,6 +26,10 @@ class DataParams:
     n_test: int = 2000  # test images: generated (synth) or the first n_test of a larger test split
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.n_test < 1:
+            raise ClipPruneError(f"params: 'data.n_test' must be >= 1 (a cap above the split size keeps it all), got {self.n_test}")
+
 
 @dataclass
 class ModelParams:

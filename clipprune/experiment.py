@@ -89,7 +89,7 @@ def setup_gflops(setup: Setup, dims: V.ViTDims) -> float:
 
 
 def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params: ModelParams, eval_params: EvalParams,
-                   limit: Optional[int] = None) -> dict:
+                   limit: Optional[int] = None, device: str = "cpu") -> dict:
     """acc1/acc5/mean-per-class recall of one row on the test split, through clip_benchmark's evaluate."""
     import torch
 
@@ -99,7 +99,7 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
     from .pipeline import dataset_root, load_clip
     from .zeroshot import classifier_weights, evaluate
 
-    model, preprocess, tokenizer = load_clip(model_params)
+    model, preprocess, tokenizer = load_clip(model_params, device=device)
     ds = load_dataset(dataset, root=dataset_root(data, dataset), split="test", transform=preprocess)
     # The first data.n_test test images (all of a generated world's); the golden stage ranks exactly these.
     limit = data.n_test if limit is None else min(limit, data.n_test)
@@ -117,8 +117,8 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
         classifier = tuned.classifier(model, tokenizer, ds.classnames, templates=ds.templates)
     else:
         prune(model, setup.method, keep=setup.keep, layer=setup.layer)
-        classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates)
+        classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates, device=device)
     if setup.ranking is not None:
         loader = bound_batches(loader, setup.method, load_ranking(setup.ranking).patch_order[:len(dataset_obj)])
     return evaluate(model, loader, tokenizer=tokenizer, classnames=ds.classnames, templates=ds.templates,
-                    classifier=classifier)
+                    classifier=classifier, device=device)

@@ -4,6 +4,7 @@ from tqdm import tqdm
 
 from clipprune import config
 from clipprune.cli import params_opt, run
+from clipprune.dist import barrier, device, init_from_env, my_share, shutdown
 from clipprune.experiment import evaluate_setup, setups_for
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import REPORTS, read_report, safe_name
@@ -22,13 +23,17 @@ def main(params_path: str) -> None:
     dims = V.ViTDims.of(load_clip(model_p)[0].visual)
     jobs = [(d, label, s) for d in data.datasets
             for label, s in setups_for(d, data=data, golden=golden, prune=prune_p, dims=dims, labels=tuple(eval_p.methods)).items()]
-    for dataset, label, setup in tqdm(jobs, desc="evaluate", unit="run"):
-        metrics = evaluate_setup(setup, dataset=dataset, data=data, model_params=model_p, eval_params=eval_p)
+    init_from_env()  # under torchrun, each process evaluates its share of the runs (each run whole)
+    for dataset, label, setup in tqdm(my_share(jobs), desc="evaluate", unit="run"):
+        metrics = evaluate_setup(setup, dataset=dataset, data=data, model_params=model_p, eval_params=eval_p,
+                                 device=device())
         record = result_record(dataset=dataset, model=model_p.arch, pretrained=model_p.pretrained or "clipprune-pretrain",
                                metrics=metrics, method=label, keep=setup.keep, layer=setup.layer,
                                gflops=flops[dataset][label]["gflops"], extra={"setting": setup.describe()})
         write_json_atomic(REPORTS / "eval" / safe_name(dataset) / f"{safe_name(label)}.json", record)
         tqdm.write(f"{dataset:>16} {label:>18}: acc1 {metrics['acc1']:.4f}")
+    barrier()
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import torch
 from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
-from clipprune.dist import init_from_env, shutdown
+from clipprune.dist import device, init_from_env, shutdown
 from clipprune.golden import SearchConfig, load_ranking, run_search
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import (CLIP_CKPT, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
@@ -31,7 +31,8 @@ def main(params_path: str, progress: bool) -> None:
     """
     data, model, prune, golden = config.load("data", "model", "prune", "golden", path=params_path)
     rank, _ = init_from_env()
-    clip, preprocess, tokenizer = load_clip(model)
+    dev = device()
+    clip, preprocess, tokenizer = load_clip(model, device=dev)
     cfg = SearchConfig(layer=prune.layer, unit=golden.unit, per_round=golden.per_round, budget=golden.budget,
                        score=golden.score, chunk_tokens=golden.chunk_tokens)
     report = {}
@@ -42,13 +43,14 @@ def main(params_path: str, progress: bool) -> None:
             cap = golden.n_train if split == "train" else data.n_test  # test: exactly the images evaluated
             if cap < len(dataset):
                 dataset = torch.utils.data.Subset(dataset, range(cap))
-            classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates)
+            classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates, device=dev)
                           if golden.score in ("label", "max") else None)
             meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
                     "fingerprint": dataset_fingerprint(name, split, dataset)}
             out = ranking_path(key, split)
             run_search(model=clip, dataset=dataset, cfg=cfg, out_path=out, meta=meta, classifier=classifier,
-                       batch_size=golden.batch_size, shard_size=golden.shard_size, progress=progress and rank == 0)
+                       batch_size=golden.batch_size, shard_size=golden.shard_size, device=dev,
+                       progress=progress and rank == 0)
             if rank == 0:
                 report[f"{key}-{split}"] = summary(out)
     if rank == 0:

@@ -5,6 +5,7 @@ import torch
 from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
+from clipprune.dist import device
 from clipprune.experiment import predictor_path
 from clipprune.golden import load_ranking
 from clipprune.io import write_json_atomic
@@ -18,7 +19,8 @@ def main(params_path: str) -> None:
     """One predictor per ranking group (one for all synthetic tasks with a label-free score), trained on the
     train-split golden rankings; top-k overlap and Kendall tau on the test split are DVC metrics."""
     data, model_p, prune_p, golden, pred = config.load("data", "model", "prune", "golden", "predictor", path=params_path)
-    model, preprocess, _ = load_clip(model_p)
+    dev = device()
+    model, preprocess, _ = load_clip(model_p, device=dev)
     report = {}
     for key, name in ranking_groups(data, golden).items():
         train_rank, test_rank = load_ranking(ranking_path(key, "train")), load_ranking(ranking_path(key, "test"))
@@ -29,7 +31,7 @@ def main(params_path: str) -> None:
         predictor, history = train_predictor(
             model=model, dataset=train, ranking=train_rank, layer=prune_p.layer, keep=prune_p.keep, loss=pred.loss,
             epochs=pred.epochs, lr=pred.lr, weight_decay=pred.weight_decay, batch_size=pred.batch_size, d=pred.d,
-            seed=pred.seed, log_dir=f"dvclive/predictor/{key}", test_dataset=test, test_ranking=test_rank)
+            seed=pred.seed, log_dir=f"dvclive/predictor/{key}", test_dataset=test, test_ranking=test_rank, device=dev)
         save_predictor(predictor_path(key), predictor, {"key": key, "dataset": name, "layer": prune_p.layer,
                                                         "keep": prune_p.keep, "loss": pred.loss})
         final = history["test"][-1]

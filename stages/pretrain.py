@@ -1,16 +1,21 @@
-"""pretrain: train the default profile's small CLIP on the synthetic world (or fetch the paper profile's weights)."""
+"""pretrain: train a small CLIP on the synthetic world or a labelled dataset (or fetch the paper profile's weights)."""
 import click
 
 from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.io import write_json_atomic
-from clipprune.pipeline import CLIP_CKPT, REPORTS
+from clipprune.pipeline import CLIP_CKPT, REPORTS, dataset_root
 
 
 @click.command()
 @params_opt
 def main(params_path: str) -> None:
-    """Write models/clip.pt: trained contrastively here when model.pretrained is null, else loaded from the tag/path."""
+    """Write models/clip.pt: trained contrastively here when model.pretrained is null, else loaded from the tag/path.
+
+    Trained on the synthetic world at data.root when data.datasets[0] is a synth/ task; otherwise on
+    data.datasets[0]'s train split (its first data.n_train images, captioned from its zero-shot templates),
+    with zero-shot on the first data.n_test test images.
+    """
     data, model, pre = config.load("data", "model", "pretrain", path=params_path)
     if model.pretrained is not None:
         from clipprune.model import build_model, save_checkpoint
@@ -21,7 +26,15 @@ def main(params_path: str) -> None:
         return
     from clipprune.pretrain import pretrain
 
-    result = pretrain(world_root=data.root, out_path=CLIP_CKPT, arch=model.arch, steps=pre.steps,
+    name = data.datasets[0] if data.datasets else "synth/"
+    if name.startswith("synth/"):
+        source = {"world_root": data.root}
+    else:
+        source = {"dataset": name, "data_root": dataset_root(data, name), "n_train": data.n_train,
+                  "n_test": data.n_test}
+        if len(data.datasets) > 1:
+            click.echo(f"pretrain: training on {name} only (the first of data.datasets)")
+    result = pretrain(**source, out_path=CLIP_CKPT, arch=model.arch, steps=pre.steps,
                       batch_size=pre.batch_size, lr=pre.lr, weight_decay=pre.weight_decay, warmup=pre.warmup,
                       text_freeze_frac=pre.text_freeze_frac, seed=pre.seed, threads=pre.threads,
                       log_dir="dvclive/pretrain")

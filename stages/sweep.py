@@ -5,6 +5,7 @@ from tqdm import tqdm
 from clipprune import config
 from clipprune import vit as V
 from clipprune.cli import params_opt, run
+from clipprune.dist import device, gather, init_from_env, my_share, shutdown
 from clipprune.experiment import evaluate_setup, setup_gflops, setups_for
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import REPORTS, load_clip
@@ -19,13 +20,18 @@ def main(params_path: str) -> None:
     jobs = [(d, k, label, s) for d in data.datasets for k in eval_p.sweep_keeps
             for label, s in setups_for(d, data=data, golden=golden, prune=prune_p, dims=dims,
                                        labels=tuple(eval_p.sweep_methods), keep=k).items()]
+    rank, _ = init_from_env()  # under torchrun, each process runs its share of the points (each point whole)
     rows = []
-    for dataset, keep, label, setup in tqdm(jobs, desc="sweep", unit="run"):
+    for i, (dataset, keep, label, setup) in tqdm(my_share(list(enumerate(jobs))), desc="sweep", unit="run"):
         metrics = evaluate_setup(setup, dataset=dataset, data=data, model_params=model_p, eval_params=eval_p,
-                                 limit=eval_p.sweep_images)
-        rows.append({"dataset": dataset, "method": label, "keep": keep, "gflops": round(setup_gflops(setup, dims), 6),
-                     "acc1": metrics["acc1"]})
-    write_json_atomic(REPORTS / "sweep.json", {"images_per_point": eval_p.sweep_images, "rows": rows})
+                                 limit=eval_p.sweep_images, device=device())
+        rows.append((i, {"dataset": dataset, "method": label, "keep": keep,
+                         "gflops": round(setup_gflops(setup, dims), 6), "acc1": metrics["acc1"]}))
+    rows = gather(rows)
+    if rank == 0:
+        write_json_atomic(REPORTS / "sweep.json", {"images_per_point": eval_p.sweep_images,
+                                                   "rows": [r for _, r in sorted(rows, key=lambda t: t[0])]})
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import click
 from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
+from clipprune.dist import device
 from clipprune.experiment import predictor_path, tokens_path
 from clipprune.io import write_json_atomic
 from clipprune.methods import build_method
@@ -21,14 +22,14 @@ def main(params_path: str) -> None:
     text = {"n_ctx": None if tune_p.text_init else tune_p.text_ctx, "init": tune_p.text_init} if tune_p.text_ctx else None
     report = {}
     for dataset in data.datasets:
-        model, preprocess, tokenizer = load_clip(model_p)
+        model, preprocess, tokenizer = load_clip(model_p, device=device())
         ds = load_dataset(dataset, root=dataset_root(data, dataset), split="train", transform=preprocess)
         predictor = build_method("predictor", path=str(predictor_path(group_of(data, golden, dataset))))
         for pruned, method, keep in ((True, predictor, prune_p.keep), (False, build_method("full"), 1.0)):
             tuned = tune(model=model, tokenizer=tokenizer, train_set=ds.indexable(), classnames=ds.classnames,
                          templates=ds.templates, method=method, keep=keep, layer=prune_p.layer, visual=visual, text=text,
                          shots=tune_p.shots, epochs=tune_p.epochs, lr=tune_p.lr, batch_size=tune_p.batch_size,
-                         seed=tune_p.seed, log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
+                         seed=tune_p.seed, device=device(), log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
             tuned.save(tokens_path(dataset, pruned=pruned))
             report[f"{dataset}/{'pruned' if pruned else 'full'}"] = {
                 "first_epoch_loss": round(tuned.history[0], 6), "last_epoch_loss": round(tuned.history[-1], 6)}

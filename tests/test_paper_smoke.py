@@ -41,6 +41,14 @@ def test_paper_profile_runs_every_stage(tmp_path):
         out = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"{stage}: {out.stderr[-3000:]}"
+    # Sharded under torchrun (2 processes, gloo here, nccl on GPUs), evaluate and sweep write identical results.
+    one = {p.relative_to(tmp_path): p.read_text() for p in [*(tmp_path / "reports" / "eval").rglob("*.json"),
+                                                            tmp_path / "reports" / "sweep.json"]}
+    for stage in ("evaluate", "sweep"):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{stage} x2: {out.stderr[-3000:]}"
+    assert {p: (tmp_path / p).read_text() for p in one} == one
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert set(metrics["datasets"]["coop/OxfordPets"]) == set(params["eval"]["methods"])
     flops = json.loads((tmp_path / "reports" / "flops.json").read_text())["datasets"]["coop/OxfordPets"]
