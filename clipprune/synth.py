@@ -6,14 +6,16 @@ The object covers a minority of the 8x8 patch grid, so which patches a pruner ke
 Everything is a pure function of (seed, split): no files are needed to regenerate the world.
 """
 
+import io
 import json
-import os
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .io import write_bytes_atomic
 
 IMAGE_SIZE = 64
 
@@ -155,16 +157,17 @@ def patch_coverage(fg_mask: np.ndarray, *, patch: int = 8) -> np.ndarray:
     return touched.mean(axis=(1, 2))
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the world is a shared artefact
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """np.savez_compressed's format, but reproducible: numpy stamps each zip entry with the current time, so
+    the same world written twice differed byte for byte (and DVC reran everything downstream)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for name, arr in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with z.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    return buf.getvalue()
 
 
 def write_world(root: str | Path, *, n_train: int, n_test: int, seed: int) -> None:
@@ -176,10 +179,10 @@ def write_world(root: str | Path, *, n_train: int, n_test: int, seed: int) -> No
         data = generate(n, seed=seed, split=split)
         data["captions"] = np.array(data["captions"])  # fixed-width unicode: loads without pickle
         coverage[split] = float(patch_coverage(data["fg_mask"]).mean())
-        _atomic_write(root / f"{split}.npz", lambda f: np.savez_compressed(f, **data))
+        write_bytes_atomic(root / f"{split}.npz", npz_bytes(data))
     meta = {"seed": seed, "n_train": n_train, "n_test": n_test, "image_size": IMAGE_SIZE, "tasks": TASKS,
             "held_out_pairs": [list(p) for p in HELD_OUT_PAIRS], "mean_patch_coverage": coverage}
-    _atomic_write(root / "world.json", lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    write_bytes_atomic(root / "world.json", json.dumps(meta, indent=2).encode())
 
 
 def load_split(root: str | Path, split: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
