@@ -19,6 +19,21 @@ def tiny_clip(*, image_size: int = 32, patch_size: int = 8, width: int = 64, lay
     ).eval()
 
 
+def encode_pruned(model, method, x, *, keep, layer, ranking=None):
+    """encode_image through `method` at (keep, layer), binding `ranking` rows when given; always unpatched after."""
+    from clipprune import methods as M
+    from clipprune import vit as V
+
+    M.prune(model, method, keep=keep, layer=layer)
+    if ranking is not None:
+        method.bind(ranking)
+    try:
+        with torch.no_grad():
+            return model.encode_image(x)
+    finally:
+        V.unpatch(model)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls gain nothing from a second thread; on a shared 2-core machine they lose ~10x to it."""

@@ -11,7 +11,7 @@ from clipprune import predictor as P
 from clipprune import vit as V
 from clipprune.errors import ClipPruneError
 from clipprune.golden import Ranking
-from conftest import tiny_clip
+from conftest import encode_pruned, tiny_clip
 
 VIT_B16 = V.ViTDims(n_patches=196, width=768, heads=12, depth=12, mlp_width=3072, patch=16, out_dim=512)
 
@@ -176,24 +176,15 @@ class GoldenStub(torch.nn.Module):
         return M.ranking_scores(self.order)
 
 
-def encode(model, method, x, *, keep, layer, bind=None):
-    M.prune(model, method, keep=keep, layer=layer)
-    if bind is not None:
-        method.bind(bind)
-    try:
-        with torch.no_grad():
-            return model.encode_image(x)
-    finally:
-        V.unpatch(model)
 
 
 @pytest.mark.parametrize("keep", [0.6, 0.3])
 def test_a_perfect_predictor_reproduces_the_golden_oracle(tiny, keep):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     order = random_orders(4, V.num_patches(tiny.visual), seed=3)
-    ours = encode(tiny, M.PredictorPruning.from_module(GoldenStub(order)), x, keep=keep, layer=2)
-    oracle = encode(tiny, M.build_method("ranking"), x, keep=keep, layer=2, bind=order)
-    other = encode(tiny, M.build_method("ranking"), x, keep=keep, layer=2, bind=order.flip(1))
+    ours = encode_pruned(tiny, M.PredictorPruning.from_module(GoldenStub(order)), x, keep=keep, layer=2)
+    oracle = encode_pruned(tiny, M.build_method("ranking"), x, keep=keep, layer=2, ranking=order)
+    other = encode_pruned(tiny, M.build_method("ranking"), x, keep=keep, layer=2, ranking=order.flip(1))
     assert torch.equal(ours, oracle) and not torch.allclose(ours, other)
 
 
@@ -240,10 +231,10 @@ def test_train_save_load_and_prune(tiny, tmp_path):
     assert set(torch.load(path, weights_only=True)) == {"format", "arch", "config", "state_dict"}  # no CLIP in it
 
     x = torch.stack([img for img, _ in test])
-    by_path = encode(tiny, M.build_method("predictor", path=str(path)), x, keep=0.5, layer=2)
-    by_module = encode(tiny, M.PredictorPruning.from_module(pred), x, keep=0.5, layer=2)
-    by_order = encode(tiny, M.build_method("ranking"), x, keep=0.5, layer=2,
-                      bind=P.predict_scores(pred, tokens).sort(dim=1, stable=True).indices)
+    by_path = encode_pruned(tiny, M.build_method("predictor", path=str(path)), x, keep=0.5, layer=2)
+    by_module = encode_pruned(tiny, M.PredictorPruning.from_module(pred), x, keep=0.5, layer=2)
+    by_order = encode_pruned(tiny, M.build_method("ranking"), x, keep=0.5, layer=2,
+                             ranking=P.predict_scores(pred, tokens).sort(dim=1, stable=True).indices)
     assert torch.equal(by_path, by_module) and torch.allclose(by_path, by_order, atol=1e-6)
     with pytest.raises(ClipPruneError, match="layer 2, not 1"):
         M.prune(tiny, M.build_method("predictor", path=str(path)), keep=0.5, layer=1)

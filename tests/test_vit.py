@@ -6,7 +6,7 @@ import torch
 from clipprune import methods as M
 from clipprune import vit as V
 from clipprune.errors import ClipPruneError
-from conftest import tiny_clip
+from conftest import encode_pruned, tiny_clip
 
 ALL = [("full", {}), ("random", {}), ("cls_attention", {}), ("cls_attention", {"fuse": True}), ("tome", {"r": 0}), ("ranking", {})]
 
@@ -15,15 +15,7 @@ def images(n=3, size=32, seed=0):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def run(model, method, x, *, keep, layer, ranking=None):
-    M.prune(model, method, keep=keep, layer=layer)
-    if ranking is not None:
-        method.bind(ranking)
-    try:
-        with torch.no_grad():
-            return model.encode_image(x)
-    finally:
-        V.unpatch(model)
+run = encode_pruned
 
 
 def identity_ranking(n_images, n_patches):
