@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import vit as V
 from .flops import flop_report
-from .methods import Method, prune
+from .methods import Method
 
 
 def _time(vit, x: torch.Tensor) -> float:

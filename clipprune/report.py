@@ -58,7 +58,7 @@ def gate(metrics: dict, committed: Optional[dict], *, method: str, max_drop: flo
     return failures
 
 
-def plot_rows(metrics: dict, sweep: dict) -> list[dict]:
+def plot_rows(sweep: dict) -> list[dict]:
     """Mean acc1 and GFLOPs over datasets for each (method, keep) point of the sweep."""
     by_point: dict[tuple, list] = {}
     for r in sweep["rows"]:

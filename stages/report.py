@@ -49,7 +49,7 @@ def main(params_path: str) -> None:
     metrics = report.build_metrics(results, predictor=predictor)
     write_json_atomic(REPORTS / "metrics.json", metrics)
     sweep = read_report("sweep.json", stage="sweep")
-    vs_keep = report.plot_rows(metrics, sweep)
+    vs_keep = report.plot_rows(sweep)
     report.write_plot_data(REPORTS / "plots", metrics, vs_keep)
     report.figures(metrics, vs_keep, REPORTS / "figures")
     overlays(data, model_p, prune_p, golden, eval_p)
