@@ -27,7 +27,9 @@ def main(params_path: str) -> None:
         root = dataset_root(data, name)
         train = load_dataset(name, root=root, split="train", transform=preprocess).indexable()
         test = load_dataset(name, root=root, split="test", transform=preprocess).indexable()
-        train = torch.utils.data.Subset(train, range(len(train_rank.labels)))  # the ranked prefix
+        # Both rankings cover a prefix of their split (golden.n_train train images, data.n_test test images).
+        train = torch.utils.data.Subset(train, range(len(train_rank.labels)))
+        test = torch.utils.data.Subset(test, range(min(len(test), len(test_rank.labels))))
         predictor, history = train_predictor(
             model=model, dataset=train, ranking=train_rank, layer=prune_p.layer, keep=prune_p.keep, loss=pred.loss,
             epochs=pred.epochs, lr=pred.lr, weight_decay=pred.weight_decay, batch_size=pred.batch_size, d=pred.d,

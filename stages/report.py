@@ -21,8 +21,8 @@ def overlays(data, model_p, prune_p, golden, eval_p) -> None:
     name = data.datasets[0]
     model, preprocess, _ = load_clip(model_p)
     ds = load_dataset(name, root=dataset_root(data, name), split="test", transform=preprocess)
-    n = min(eval_p.overlay_images, len(ds.dataset))
-    x = torch.stack([ds.dataset[i][0] for i in range(n)])
+    x = next(iter(ds.loader(batch_size=eval_p.overlay_images)))[0]  # the first test images (streams have no len)
+    n = len(x)
     cfg = getattr(model.visual, "preprocess_cfg", {})
     mean = torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN))[:, None, None]
     std = torch.tensor(cfg.get("std", OPENAI_DATASET_STD))[:, None, None]

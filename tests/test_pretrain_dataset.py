@@ -127,21 +127,32 @@ def test_synth_path_feeds_what_it_always_fed(tmp_path, monkeypatch, one_thread):
     assert all(torch.equal(seen["state"][k], state[k]) for k in state)
 
 
-def test_cifar10_profile_is_valid_and_runs_data_and_pretrain(wds_root, tmp_path):
-    """profiles/cifar10.yaml validates; its data and pretrain stages run on a tiny stand-in for CIFAR-10."""
+def test_cifar10_profile_runs_every_stage(wds_root, tmp_path):
+    """profiles/cifar10.yaml validates and every stage runs on a tiny stand-in for CIFAR-10, with n_test below the
+    test split's size (as the profile's 2,000 of 10,000): the rankings, predictor and evaluation see that prefix."""
     profile = ROOT / "profiles" / "cifar10.yaml"
     config.load(*config.SECTIONS, path=profile)
     params = yaml.safe_load(profile.read_text())
     assert params["data"]["datasets"] == ["wds/cifar10"] and params["model"]["arch"] == "clipprune-tiny"
     params["data"].update(source=str(wds_root), n_train=12, n_test=4)
     params["pretrain"].update(steps=3, batch_size=8, warmup=1, threads=1)
+    params["golden"].update(n_train=6, batch_size=2, shard_size=2)
+    params["predictor"].update(epochs=2, batch_size=4)
+    params["tune"].update(epochs=1, shots=1, batch_size=3)
+    params["eval"].update(sweep_keeps=[0.6, 1.0], sweep_images=4, overlay_images=2)
+    params["check"]["max_drop"] = 1.0  # a 3-step model: accuracies are noise, the gate's logic is tested elsewhere
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    for stage in ("data", "pretrain"):
-        out = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=tmp_path, env=env, capture_output=True,
-                             text=True, timeout=300)
+    stages = ["data", "pretrain", "golden", "predictor", "tune", "flops", "evaluate", "sweep", "report", "check"]
+    for stage in stages:
+        args = ["--no-against-git"] if stage == "check" else []
+        out = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, f"{stage}: {out.stderr[-3000:]}"
     assert (tmp_path / "data" / "cifar10" / "wds-cifar10" / "train" / "nshards.txt").is_file()
-    assert (tmp_path / "models" / "clip.pt").is_file()
     report = yaml.safe_load((tmp_path / "reports" / "pretrain.json").read_text())
     assert set(report["zeroshot_top1"]) == {"wds/cifar10", "mean"}
+    test_ranking = torch.load(tmp_path / "rankings" / "wds-cifar10-test.pt")
+    assert len(test_ranking["labels"]) == 4 and test_ranking["labels"].tolist() == TEST_LABELS[:4]
+    metrics = yaml.safe_load((tmp_path / "reports" / "metrics.json").read_text())
+    assert set(metrics["datasets"]["wds/cifar10"]) == set(params["eval"]["methods"])
