@@ -178,14 +178,25 @@ def overlay_figure(images: torch.Tensor, masks: dict[str, torch.Tensor], grid: t
     return path
 
 
+def provenance(params: dict) -> str:
+    """One line on what model and data the figures describe, so no profile's numbers pass for the paper's."""
+    data, model = params["data"], params["model"]
+    if model.get("pretrained"):
+        return (f"Model `{model['arch']}` with weights `{model['pretrained']}` on {', '.join(data['datasets'])}; "
+                "compare with the paper only for its own weights, datasets and protocol.")
+    if all(d.startswith("synth/") for d in data["datasets"]):
+        return ("Default profile: a small CLIP trained here on a generated world. These numbers describe that "
+                "model on that world; they are **not** the paper's numbers.")
+    return (f"A small CLIP (`{model['arch']}`) trained here on {data['datasets'][0]}'s train split with captions made "
+            "from its templates. These numbers describe that model; they are **not** the paper's numbers.")
+
+
 def summary_markdown(metrics: dict, flops: dict, *, params: dict, predictor: Optional[dict]) -> str:
     """The table a paper would print, with the configuration behind every figure."""
     datasets = list(metrics["datasets"])
     methods = list(metrics["mean"])
     short = [d.split("/")[-1] for d in datasets]
-    lines = ["# clipprune results", "",
-             "Default profile: a small CLIP trained here on a generated world. These numbers describe that "
-             "model on that world; they are **not** the paper's numbers.", "",
+    lines = ["# clipprune results", "", provenance(params), "",
              "| method | " + " | ".join(short) + " | mean | GFLOPs | setting |",
              "|---|" + "---|" * (len(short) + 3)]
     first = flops["datasets"][datasets[0]]

@@ -60,6 +60,16 @@ def metrics_with(full: float, method: float) -> dict:
     return report.build_metrics(results)
 
 
+def test_summary_names_what_its_figures_describe():
+    """No profile's accuracies may read as the paper's: the summary's first line says which model and data."""
+    synth = {"data": {"datasets": ["synth/shape", "synth/size"]}, "model": {"arch": "clipprune-tiny", "pretrained": None}}
+    cifar = {"data": {"datasets": ["wds/cifar10"]}, "model": {"arch": "clipprune-tiny", "pretrained": None}}
+    paper = {"data": {"datasets": ["coop/OxfordPets"]}, "model": {"arch": "ViT-B-16-quickgelu", "pretrained": "openai"}}
+    assert report.provenance(synth).startswith("Default profile: a small CLIP trained here on a generated world")
+    assert "wds/cifar10's train split" in report.provenance(cifar) and "not** the paper's" in report.provenance(cifar)
+    assert "`ViT-B-16-quickgelu` with weights `openai`" in report.provenance(paper)
+
+
 def test_gate_fails_when_max_drop_is_below_the_measured_drop():
     metrics = metrics_with(0.90, 0.86)  # measured drop 0.04
     assert report.gate(metrics, None, method="predictor", max_drop=0.05, tolerance=0.01) == []
