@@ -58,7 +58,7 @@ class PruneParams:
 
 @dataclass
 class GoldenParams:
-    score: str = "similarity"  # label | max | similarity
+    score: str = "similarity"  # label | max | similarity | fidelity
     unit: int = 1  # k: units are k x k patch blocks
     per_round: int = 16  # m: units eliminated per round (0 = one-shot leave-one-out)
     budget: float = 1.0  # fraction of units ranked by search; the rest follow the last round's scores

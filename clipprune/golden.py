@@ -54,7 +54,18 @@ def score_similarity(emb: Tensor, ctx: dict) -> Tensor:
     return (emb * ctx["full"]).sum(dim=-1)
 
 
-SCORES: dict[str, Callable[[Tensor, dict], Tensor]] = {"label": score_label, "max": score_max, "similarity": score_similarity}
+def score_fidelity(emb: Tensor, ctx: dict) -> Tensor:
+    """-KL(P(. | unpruned image) || P(. | pruned copy)) over the task's classes: the official `similarity` idea
+    (stay close to the unpruned model, no label) measured where the task reads it, in zero-shot predictions."""
+    log_full = (ctx["scale"] * ctx["full"] @ ctx["classifier"]).log_softmax(dim=-1)
+    log_pruned = (ctx["scale"] * emb @ ctx["classifier"]).log_softmax(dim=-1)
+    return -(log_full.exp() * (log_full - log_pruned)).sum(dim=-1)
+
+
+SCORES: dict[str, Callable[[Tensor, dict], Tensor]] = {"label": score_label, "max": score_max,
+                                                       "similarity": score_similarity, "fidelity": score_fidelity}
+NEEDS_FULL = ("similarity", "fidelity")  # scores that compare with the unpruned image's embedding
+NEEDS_CLASSIFIER = ("label", "max", "fidelity")  # scores read through a task's zero-shot classifier
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,7 @@ def forward_equivalents(dims: V.ViTDims, cfg: SearchConfig) -> float:
     n_units = -(-dims.n_patches // (cfg.unit * cfg.unit))
     per = cfg.unit * cfg.unit
     n_rank, m = max(1, round(cfg.budget * n_units)), cfg.per_round or n_units
-    total = depth * block_macs(n, n, dims) if cfg.score == "similarity" else layer * block_macs(n, n, dims)
+    total = depth * block_macs(n, n, dims) if cfg.score in NEEDS_FULL else layer * block_macs(n, n, dims)
     left, done = n_units, 0
     while left > 0:
         t = n - (n_units - left) * per - per  # tokens of a candidate: CLS + alive patches - one unit
@@ -129,7 +140,7 @@ class GoldenSearch:
         if V.is_patched(self.vit):
             raise ClipPruneError("golden search needs the unpruned model: unpatch it first")
         cfg.check(self.vit)
-        if cfg.score in ("label", "max") and classifier is None:
+        if cfg.score in NEEDS_CLASSIFIER and classifier is None:
             raise ClipPruneError(f"golden score {cfg.score!r} needs the zero-shot classifier (class text embeddings)")
         self.cfg = cfg
         self.classifier = classifier
@@ -146,7 +157,7 @@ class GoldenSearch:
         cfg, units = self.cfg, self.units.to(images.device)
         b, (n_units, n) = images.shape[0], units.shape
         h = V.run_blocks(self.vit, self.vit._embeds(images), stop=cfg.layer)  # blocks < L: once per image
-        full = self.embed(h) if cfg.score == "similarity" else None  # the only score that needs the unpruned image
+        full = self.embed(h) if cfg.score in NEEDS_FULL else None  # computed only for scores that read it
         ctx = {"full": full, "labels": labels, "scale": self.scale, "classifier": self.classifier}
         if cfg.score == "label" and labels is None:
             raise ClipPruneError("golden score 'label' needs the labels")

@@ -36,12 +36,15 @@ def dataset_root(data: DataParams, name: str) -> Path:
 def ranking_groups(data: DataParams, golden: GoldenParams) -> dict[str, str]:
     """Ranking key -> the dataset whose images it ranks.
 
-    A label-free score ranks an image the same way for every task, and the synthetic tasks share their
-    images: then one ranking (and one predictor) serves them all. Otherwise each dataset gets its own.
+    A score that reads no task (no label, no classifier) ranks an image the same way for every task, and the
+    synthetic tasks share their images: then one ranking (and one predictor) serves them all. Otherwise each
+    dataset gets its own.
     """
+    from .golden import NEEDS_CLASSIFIER
+
     synth = [d for d in data.datasets if d.startswith("synth/")]
     groups = {}
-    if synth and golden.score != "label" and golden.score != "max":
+    if synth and golden.score not in NEEDS_CLASSIFIER:
         groups["synth"] = synth[0]
     for d in data.datasets:
         if d not in synth or "synth" not in groups:

@@ -6,7 +6,7 @@ from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device, init_from_env, shutdown
-from clipprune.golden import SearchConfig, load_ranking, run_search
+from clipprune.golden import NEEDS_CLASSIFIER, SearchConfig, load_ranking, run_search
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import (CLIP_CKPT, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
                                 ranking_groups, ranking_path)
@@ -44,7 +44,7 @@ def main(params_path: str, progress: bool) -> None:
             if cap < len(dataset):
                 dataset = torch.utils.data.Subset(dataset, range(cap))
             classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates, device=dev)
-                          if golden.score in ("label", "max") else None)
+                          if golden.score in NEEDS_CLASSIFIER else None)
             meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
                     "fingerprint": dataset_fingerprint(name, split, dataset)}
             out = ranking_path(key, split)

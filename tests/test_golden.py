@@ -42,7 +42,9 @@ def reference(model, image, label, classifier, *, layer, unit, per_round, budget
             keep = [p for p in range(units.shape[1]) if any(units[a, p] for a in alive if a != u)]
             e = embed(keep)
             probs = (model.logit_scale.exp() * e @ classifier).softmax(-1)
-            sc[u] = {"label": probs[label], "max": probs.max(), "similarity": e @ full}[score].item()
+            full_probs = (model.logit_scale.exp() * full @ classifier).softmax(-1)
+            kl = (full_probs * (full_probs.log() - probs.log())).sum()
+            sc[u] = {"label": probs[label], "max": probs.max(), "similarity": e @ full, "fidelity": -kl}[score].item()
         ranked = sorted(rem, key=lambda u: (-sc[u], u))
         take = min(m, n_rank - len(order))
         if take >= len(rem) or len(order) + take >= n_rank:
@@ -65,7 +67,7 @@ def f64():
     return model, images, labels, classifier
 
 
-@pytest.mark.parametrize("score", ["label", "max", "similarity"])
+@pytest.mark.parametrize("score", ["label", "max", "similarity", "fidelity"])
 @pytest.mark.parametrize("unit", [1, 2])
 @pytest.mark.parametrize("per_round,budget", [(1, 1.0), (4, 1.0), (0, 1.0), (3, 0.4)])
 def test_fast_search_equals_brute_force(f64, score, unit, per_round, budget):
@@ -171,7 +173,8 @@ def test_load_ranking_errors(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [SearchConfig(layer=1), SearchConfig(layer=2, unit=2, per_round=1),
-                                 SearchConfig(layer=1, per_round=3, budget=0.4, score="max")])
+                                 SearchConfig(layer=1, per_round=3, budget=0.4, score="max"),
+                                 SearchConfig(layer=1, unit=2, per_round=1, budget=0.5, score="fidelity")])
 def test_forward_equivalents_count_what_the_search_runs(cfg):
     """The cost model (README's GPU-hours, the benchmark's FLOP minimum) equals the blocks the engine executes."""
     from clipprune.flops import block_macs

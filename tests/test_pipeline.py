@@ -120,5 +120,6 @@ def test_kept_patches_recovers_each_selection():
 def test_synth_tasks_share_one_label_free_ranking():
     data = config.DataParams(datasets=["synth/shape", "synth/colour", "wds/cifar10"])
     assert ranking_groups(data, config.GoldenParams(score="similarity")) == {"synth": "synth/shape", "wds-cifar10": "wds/cifar10"}
-    assert ranking_groups(data, config.GoldenParams(score="label")) == {
-        "synth-shape": "synth/shape", "synth-colour": "synth/colour", "wds-cifar10": "wds/cifar10"}
+    for score in ("label", "max", "fidelity"):  # these read each task's classifier: one ranking per task
+        assert ranking_groups(data, config.GoldenParams(score=score)) == {
+            "synth-shape": "synth/shape", "synth-colour": "synth/colour", "wds-cifar10": "wds/cifar10"}
