@@ -7,8 +7,9 @@ is a full elimination order of every patch, least important first.
 
 Scores (fixing the official code, spec §5.7): `label` = softmax probability of the ground-truth class,
 `max` = the pruned copy's own max class probability, `similarity` = cosine of its image embedding to the
-unpruned image's. Speed: blocks < L run once per image; all candidates of a round (of all images in a
-batch) go through blocks >= L together, chunked to a token bound. Batches have fixed boundaries by dataset
+unpruned image's; added here, `fidelity` = -KL of its zero-shot prediction from the unpruned image's.
+Speed: blocks < L run once per image; all candidates of a round (of all images in a batch) go through
+blocks >= L together, chunked to a token bound. Batches have fixed boundaries by dataset
 index, so an image's result never depends on the number of processes; shards are checkpoints.
 """
 from __future__ import annotations

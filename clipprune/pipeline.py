@@ -12,6 +12,7 @@ import torch
 
 from .config import DataParams, GoldenParams, ModelParams
 from .errors import ClipPruneError
+from .golden import NEEDS_CLASSIFIER
 
 MODELS = Path("models")
 RANKINGS = Path("rankings")
@@ -40,8 +41,6 @@ def ranking_groups(data: DataParams, golden: GoldenParams) -> dict[str, str]:
     synthetic tasks share their images: then one ranking (and one predictor) serves them all. Otherwise each
     dataset gets its own.
     """
-    from .golden import NEEDS_CLASSIFIER
-
     synth = [d for d in data.datasets if d.startswith("synth/")]
     groups = {}
     if synth and golden.score not in NEEDS_CLASSIFIER:
