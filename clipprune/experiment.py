@@ -103,7 +103,7 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
     ds = load_dataset(dataset, root=dataset_root(data, dataset), split="test", transform=preprocess)
     # The first data.n_test test images (all of a generated world's); the golden stage ranks exactly these.
     limit = data.n_test if limit is None else min(limit, data.n_test)
-    dataset_obj = ds.indexable() if ds.iterable else ds.dataset
+    dataset_obj = ds.indexable()
     if limit < len(dataset_obj):
         dataset_obj = torch.utils.data.Subset(dataset_obj, range(limit))
     loader = torch.utils.data.DataLoader(dataset_obj, batch_size=eval_params.batch_size, shuffle=False)

@@ -24,9 +24,10 @@ def main(params_path: str) -> None:
     for dataset in data.datasets:
         model, preprocess, tokenizer = load_clip(model_p, device=device())
         ds = load_dataset(dataset, root=dataset_root(data, dataset), split="train", transform=preprocess)
+        train_set = ds.indexable()  # a stream (wds/) is decoded here, once for both tunings
         predictor = build_method("predictor", path=str(predictor_path(group_of(data, golden, dataset))))
         for pruned, method, keep in ((True, predictor, prune_p.keep), (False, build_method("full"), 1.0)):
-            tuned = tune(model=model, tokenizer=tokenizer, train_set=ds.indexable(), classnames=ds.classnames,
+            tuned = tune(model=model, tokenizer=tokenizer, train_set=train_set, classnames=ds.classnames,
                          templates=ds.templates, method=method, keep=keep, layer=prune_p.layer, visual=visual, text=text,
                          shots=tune_p.shots, epochs=tune_p.epochs, lr=tune_p.lr, batch_size=tune_p.batch_size,
                          seed=tune_p.seed, device=device(), log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
