@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from PIL import Image
@@ -28,6 +27,7 @@ from tqdm import tqdm
 from clipprune import synth
 from clipprune.errors import ClipPruneError
 from clipprune.model import build_model, images_to_input, save_checkpoint
+from clipprune.zeroshot import classifier_weights
 
 
 @dataclass
@@ -135,9 +135,7 @@ def zero_shot_accuracy(model, tokenizer, images: np.ndarray, labels: dict[str, n
                        for i in range(0, len(images), batch_size)])
     acc = {}
     for task, spec in tasks.items():
-        templates = [lambda c, t=t: t.format(c=c) for t in spec["templates"]]  # "{c}" as in clip_benchmark
-        w = open_clip.build_zero_shot_classifier(model, tokenizer, classnames=spec["classnames"],
-                                                 templates=templates, num_classes_per_batch=None)
+        w = classifier_weights(model, tokenizer, spec["classnames"], spec["templates"])  # as evaluation builds it
         pred = (feats @ w).argmax(dim=1).numpy()
         acc[task] = float((pred == labels[task]).mean())
     acc["mean"] = float(np.mean([acc[t] for t in tasks]))
