@@ -23,11 +23,11 @@ import torch
 from clipprune import config, synth
 from clipprune import vit as V
 from clipprune.golden import GoldenSearch, SearchConfig, load_ranking
-from clipprune.methods import build_method, prune
+from clipprune.methods import build_method, encode_pruned
 from clipprune.pipeline import dataset_root, group_of, load_clip, ranking_path
 from clipprune.predictor import layer_tokens, load_predictor, predict_scores
 from clipprune.experiment import predictor_path
-from clipprune.data import load_dataset
+from clipprune.data import dataset_labels, load_dataset
 from clipprune.zeroshot import classifier_weights
 
 
@@ -55,7 +55,8 @@ def selections(obj: torch.Tensor, k: int, seed: int) -> dict[str, torch.Tensor]:
     prio = torch.where(obj, rand, rand + 2.0)  # object patches first in ascending order of priority
     strat = torch.zeros_like(obj)
     for i in range(b):
-        objs, bgs = prio[i].argsort()[: n_obj[i]], prio[i].argsort()[n_obj[i] :]
+        ranked = prio[i].argsort()
+        objs, bgs = ranked[: n_obj[i]], ranked[n_obj[i] :]
         strat[i, objs[: k_obj[i]]] = True
         strat[i, bgs[: k - int(k_obj[i])]] = True
     out["stratified"] = strat
@@ -66,15 +67,9 @@ def selections(obj: torch.Tensor, k: int, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
 def accuracy(model, x, y, classifier, mask, *, keep: float, layer: int, seed: int) -> float:
-    method = build_method("ranking")
-    prune(model, method, keep=keep, layer=layer)
-    try:
-        method.bind(order_keeping(mask, torch.Generator().manual_seed(seed)))
-        emb = torch.nn.functional.normalize(model.encode_image(x), dim=-1)
-    finally:
-        V.unpatch(model)
+    emb = encode_pruned(model, build_method("ranking"), x, keep=keep, layer=layer,
+                        ranking=order_keeping(mask, torch.Generator().manual_seed(seed)))
     return float(((emb @ classifier).argmax(dim=1) == y).float().mean())
 
 
@@ -121,7 +116,7 @@ def main(params_path, images, stability_images, sigma, as_json):
         scores = predict_scores(load_predictor(predictor_path(key)), tokens)
         pmask = keep_mask(scores.argsort(dim=1, stable=True), k)
         tds = load_dataset(name, root=root, split="test", transform=preprocess)
-        y = torch.tensor([tds.indexable()[i][1] for i in range(n_img)])
+        y = torch.tensor(dataset_labels(tds.indexable())[:n_img])
         clf = classifier_weights(model, tokenizer, tds.classnames, tds.templates)
         row = {"golden": rates(gmask, obj), "predictor": {**rates(pmask, obj),
                "topk_overlap": round(float((pmask & gmask).sum(dim=1).float().mean() / k), 4)}}

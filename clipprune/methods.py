@@ -81,6 +81,20 @@ def prune(model: Any, method: Method, *, keep: float, layer: int):
     return V.apply_spec(vit, method.spec(vit, keep=keep, layer=layer))
 
 
+@torch.no_grad()
+def encode_pruned(model: Any, method: Method, images: Tensor, *, keep: float, layer: int,
+                  ranking: Optional[Tensor] = None) -> Tensor:
+    """model.encode_image(images) pruned by `method` at (keep, layer), binding `ranking` rows (elimination
+    orders, for `ranking`) when given; the model is unpatched afterwards, whatever happens."""
+    prune(model, method, keep=keep, layer=layer)
+    try:
+        if ranking is not None:
+            method.bind(ranking)
+        return model.encode_image(images)
+    finally:
+        V.unpatch(model)
+
+
 @register("full")
 @dataclass
 class Full(Method):

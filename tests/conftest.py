@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip (and huggingface_hub) are imported
 torch.set_num_threads(2)
+
+from clipprune.methods import encode_pruned  # noqa: E402,F401  (re-exported for the tests)
 
 
 def tiny_clip(*, image_size: int = 32, patch_size: int = 8, width: int = 64, layers: int = 4, heads: int = 2, seed: int = 0):
@@ -17,21 +19,6 @@ def tiny_clip(*, image_size: int = 32, patch_size: int = 8, width: int = 64, lay
         vision_cfg=dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers, head_width=width // heads),
         text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
     ).eval()
-
-
-def encode_pruned(model, method, x, *, keep, layer, ranking=None):
-    """encode_image through `method` at (keep, layer), binding `ranking` rows when given; always unpatched after."""
-    from clipprune import methods as M
-    from clipprune import vit as V
-
-    M.prune(model, method, keep=keep, layer=layer)
-    if ranking is not None:
-        method.bind(ranking)
-    try:
-        with torch.no_grad():
-            return model.encode_image(x)
-    finally:
-        V.unpatch(model)
 
 
 @pytest.fixture(scope="module")
