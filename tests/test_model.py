@@ -1,12 +1,11 @@
 import numpy as np
 import open_clip
 import pytest
-
-from clipprune.errors import ClipPruneError
 import torch
 from PIL import Image
 
 from clipprune import synth
+from clipprune.errors import ClipPruneError
 from clipprune.model import build_model, images_to_input, save_checkpoint
 
 

@@ -176,8 +176,6 @@ class GoldenStub(torch.nn.Module):
         return M.ranking_scores(self.order)
 
 
-
-
 @pytest.mark.parametrize("keep", [0.6, 0.3])
 def test_a_perfect_predictor_reproduces_the_golden_oracle(tiny, keep):
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
