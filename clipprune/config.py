@@ -62,6 +62,7 @@ class GoldenParams:
     unit: int = 1  # k: units are k x k patch blocks
     per_round: int = 16  # m: units eliminated per round (0 = one-shot leave-one-out)
     budget: float = 1.0  # fraction of units ranked by search; the rest follow the last round's scores
+    joint: bool = False  # synthetic tasks: rank each image once, the score summed over every task (fidelity, max)
     n_train: int = 4000  # train images ranked (predictor targets); the whole test split is ranked
     batch_size: int = 32
     shard_size: int = 512

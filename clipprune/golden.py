@@ -8,6 +8,8 @@ is a full elimination order of every patch, least important first.
 Scores (fixing the official code, spec §5.7): `label` = softmax probability of the ground-truth class,
 `max` = the pruned copy's own max class probability, `similarity` = cosine of its image embedding to the
 unpruned image's; added here, `fidelity` = -KL of its zero-shot prediction from the unpruned image's.
+Tasks that share their images (the synthetic world's) can be ranked jointly: given a list of classifiers,
+`fidelity` and `max` add up over the tasks, and one ranking serves them all.
 Speed: blocks < L run once per image; all candidates of a round (of all images in a batch) go through
 blocks >= L together, chunked to a token bound. Batches have fixed boundaries by dataset
 index, so an image's result never depends on the number of processes; shards are checkpoints.
@@ -36,18 +38,22 @@ FORMAT = "clipprune-golden-v1"
 
 
 # --------------------------------------------------------------------------------------------- scores
-def _probs(emb: Tensor, ctx: dict) -> Tensor:
-    return (ctx["scale"] * emb @ ctx["classifier"]).softmax(dim=-1)
+def _task_logits(emb: Tensor, ctx: dict) -> list[Tensor]:
+    """Scaled zero-shot logits per task: `classifier` is one task's [D, C] or a list of them (tasks that share
+    their images, ranked jointly: their scores add up, so one ranking serves them all)."""
+    cls = ctx["classifier"]
+    return [ctx["scale"] * emb @ w for w in (cls if isinstance(cls, (list, tuple)) else [cls])]
 
 
 def score_label(emb: Tensor, ctx: dict) -> Tensor:
     """P(y_gt | pruned copy): the paper's label-driven score (the official code used the scaled logit)."""
-    return _probs(emb, ctx).gather(1, ctx["labels"][:, None])[:, 0]
+    (logits,) = _task_logits(emb, ctx)  # one task: GoldenSearch refuses a list for this score
+    return logits.softmax(dim=-1).gather(1, ctx["labels"][:, None])[:, 0]
 
 
 def score_max(emb: Tensor, ctx: dict) -> Tensor:
     """max_c P(c | pruned copy): each copy's own confidence (the official code used copy 0's class)."""
-    return _probs(emb, ctx).max(dim=-1).values
+    return sum(logits.softmax(dim=-1).max(dim=-1).values for logits in _task_logits(emb, ctx))
 
 
 def score_similarity(emb: Tensor, ctx: dict) -> Tensor:
@@ -57,10 +63,13 @@ def score_similarity(emb: Tensor, ctx: dict) -> Tensor:
 
 def score_fidelity(emb: Tensor, ctx: dict) -> Tensor:
     """-KL(P(. | unpruned image) || P(. | pruned copy)) over the task's classes: the official `similarity` idea
-    (stay close to the unpruned model, no label) measured where the task reads it, in zero-shot predictions."""
-    log_full = (ctx["scale"] * ctx["full"] @ ctx["classifier"]).log_softmax(dim=-1)
-    log_pruned = (ctx["scale"] * emb @ ctx["classifier"]).log_softmax(dim=-1)
-    return -(log_full.exp() * (log_full - log_pruned)).sum(dim=-1)
+    (stay close to the unpruned model, no label) measured where the task reads it, in zero-shot predictions.
+    Over several tasks: the sum, i.e. the KL of their joint prediction (tasks predicted independently)."""
+    total = 0
+    for full, pruned in zip(_task_logits(ctx["full"], ctx), _task_logits(emb, ctx)):
+        log_full, log_pruned = full.log_softmax(dim=-1), pruned.log_softmax(dim=-1)
+        total = total - (log_full.exp() * (log_full - log_pruned)).sum(dim=-1)
+    return total
 
 
 SCORES: dict[str, Callable[[Tensor, dict], Tensor]] = {"label": score_label, "max": score_max,
@@ -136,13 +145,15 @@ class SearchResult:
 class GoldenSearch:
     """The fast search on one open_clip CLIP (unpatched); see the module docstring."""
 
-    def __init__(self, model, cfg: SearchConfig, *, classifier: Optional[Tensor] = None):
+    def __init__(self, model, cfg: SearchConfig, *, classifier: Optional[Tensor | list[Tensor]] = None):
         self.vit = V.check_vit(model)
         if V.is_patched(self.vit):
             raise ClipPruneError("golden search needs the unpruned model: unpatch it first")
         cfg.check(self.vit)
         if cfg.score in NEEDS_CLASSIFIER and classifier is None:
             raise ClipPruneError(f"golden score {cfg.score!r} needs the zero-shot classifier (class text embeddings)")
+        if cfg.score == "label" and isinstance(classifier, (list, tuple)):
+            raise ClipPruneError("golden score 'label' reads one task's label: it cannot rank several tasks jointly")
         self.cfg = cfg
         self.classifier = classifier
         self.scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else torch.tensor(100.0)
@@ -217,8 +228,9 @@ def meta_key(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta: dict, classifier: Optional[Tensor] = None,
-               batch_size: int = 32, shard_size: int = 512, device: str = "cpu", progress: bool = True) -> Path:
+def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta: dict,
+               classifier: Optional[Tensor | list[Tensor]] = None, batch_size: int = 32, shard_size: int = 512,
+               device: str = "cpu", progress: bool = True) -> Path:
     """Golden-rank every image of a map-style dataset ((image, label) items) into one file at out_path.
 
     Shards of `shard_size` images (fixed boundaries) are written atomically to `<out>.shards/` and skipped on

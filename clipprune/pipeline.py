@@ -37,13 +37,13 @@ def dataset_root(data: DataParams, name: str) -> Path:
 def ranking_groups(data: DataParams, golden: GoldenParams) -> dict[str, str]:
     """Ranking key -> the dataset whose images it ranks.
 
-    A score that reads no task (no label, no classifier) ranks an image the same way for every task, and the
-    synthetic tasks share their images: then one ranking (and one predictor) serves them all. Otherwise each
-    dataset gets its own.
+    The synthetic tasks share their images. A score that reads no task (no label, no classifier) ranks an image
+    the same way for every task, and `golden.joint` sums a score over every task: then one ranking (and one
+    predictor) serves them all. Otherwise each dataset gets its own.
     """
     synth = [d for d in data.datasets if d.startswith("synth/")]
     groups = {}
-    if synth and golden.score not in NEEDS_CLASSIFIER:
+    if synth and (golden.joint or golden.score not in NEEDS_CLASSIFIER):
         groups["synth"] = synth[0]
     for d in data.datasets:
         if d not in synth or "synth" not in groups:

@@ -10,6 +10,7 @@ from clipprune.golden import NEEDS_CLASSIFIER, SearchConfig, load_ranking, run_s
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import (CLIP_CKPT, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
                                 ranking_groups, ranking_path)
+from clipprune.synth import TASKS
 from clipprune.zeroshot import classifier_weights
 
 
@@ -43,10 +44,16 @@ def main(params_path: str, progress: bool) -> None:
             cap = golden.n_train if split == "train" else data.n_test  # test: exactly the images evaluated
             if cap < len(dataset):
                 dataset = torch.utils.data.Subset(dataset, range(cap))
-            classifier = (classifier_weights(clip, tokenizer, ds.classnames, ds.templates, device=dev)
-                          if golden.score in NEEDS_CLASSIFIER else None)
             meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
                     "fingerprint": dataset_fingerprint(name, split, dataset)}
+            classifier = None
+            if golden.score in NEEDS_CLASSIFIER and key == "synth":  # golden.joint: every task of the world at once
+                meta["tasks"] = [d for d in data.datasets if d.startswith("synth/")]
+                tasks = [TASKS[d.removeprefix("synth/")] for d in meta["tasks"]]
+                classifier = [classifier_weights(clip, tokenizer, t["classnames"], t["templates"], device=dev)
+                              for t in tasks]
+            elif golden.score in NEEDS_CLASSIFIER:
+                classifier = classifier_weights(clip, tokenizer, ds.classnames, ds.templates, device=dev)
             out = ranking_path(key, split)
             run_search(model=clip, dataset=dataset, cfg=cfg, out_path=out, meta=meta, classifier=classifier,
                        batch_size=golden.batch_size, shard_size=golden.shard_size, device=dev,

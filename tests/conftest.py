@@ -1,7 +1,11 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip (and huggingface_hub) are imported
 torch.set_num_threads(2)
@@ -19,6 +23,22 @@ def tiny_clip(*, image_size: int = 32, patch_size: int = 8, width: int = 64, lay
         vision_cfg=dict(image_size=image_size, patch_size=patch_size, width=width, layers=layers, head_width=width // heads),
         text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1),
     ).eval()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("data", "pretrain", "golden", "predictor", "tune", "flops", "evaluate", "sweep", "report", "check")
+
+
+def run_every_stage(params: dict, cwd: Path) -> None:
+    """Write `params` to cwd/params.yaml and run every DVC stage's command there in order, as dvc repro would
+    (one process each; the gate without git). Fails with the stage's stderr."""
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for stage in STAGES:
+        args = ["--no-against-git"] if stage == "check" else []
+        out = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"{stage}: {out.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")

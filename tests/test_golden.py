@@ -41,10 +41,12 @@ def reference(model, image, label, classifier, *, layer, unit, per_round, budget
         for u in rem:
             keep = [p for p in range(units.shape[1]) if any(units[a, p] for a in alive if a != u)]
             e = embed(keep)
-            probs = (model.logit_scale.exp() * e @ classifier).softmax(-1)
-            full_probs = (model.logit_scale.exp() * full @ classifier).softmax(-1)
-            kl = (full_probs * (full_probs.log() - probs.log())).sum()
-            sc[u] = {"label": probs[label], "max": probs.max(), "similarity": e @ full, "fidelity": -kl}[score].item()
+            heads = classifier if isinstance(classifier, list) else [classifier]  # a list: tasks scored jointly
+            probs = [(model.logit_scale.exp() * e @ w).softmax(-1) for w in heads]
+            full_probs = [(model.logit_scale.exp() * full @ w).softmax(-1) for w in heads]
+            kl = sum((f * (f.log() - p.log())).sum() for f, p in zip(full_probs, probs))
+            sc[u] = {"label": probs[0][label], "max": sum(p.max() for p in probs), "similarity": e @ full,
+                     "fidelity": -kl}[score].item()
         ranked = sorted(rem, key=lambda u: (-sc[u], u))
         take = min(m, n_rank - len(order))
         if take >= len(rem) or len(order) + take >= n_rank:
@@ -80,6 +82,25 @@ def test_fast_search_equals_brute_force(f64, score, unit, per_round, budget):
                                       per_round=per_round, budget=budget, score=score)
             assert res.unit_order[b].tolist() == order
             assert torch.allclose(res.unit_scores[b], torch.tensor(scores, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("score", ["max", "fidelity"])
+@pytest.mark.parametrize("unit,per_round,budget", [(1, 1, 1.0), (2, 1, 0.5), (2, 0, 1.0)])
+def test_joint_search_over_several_tasks_equals_brute_force(f64, score, unit, per_round, budget):
+    """Tasks that share their images, given as a list of classifiers, are scored by the sum over them."""
+    model, images, labels, classifier = f64
+    second = torch.randn(32, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    heads = [classifier, F.normalize(second, dim=0)]
+    cfg = SearchConfig(layer=2, unit=unit, per_round=per_round, budget=budget, score=score, chunk_tokens=64)
+    with torch.no_grad():
+        res = GoldenSearch(model, cfg, classifier=heads).search(images)
+        alone = GoldenSearch(model, cfg, classifier=heads[1]).search(images)
+        for b in range(len(images)):
+            order, scores = reference(model, images[b], None, heads, layer=2, unit=unit, per_round=per_round,
+                                      budget=budget, score=score)
+            assert res.unit_order[b].tolist() == order
+            assert torch.allclose(res.unit_scores[b], torch.tensor(scores, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert not torch.allclose(res.unit_scores, alone.unit_scores)  # both tasks count, not just one
 
 
 def test_patch_order_expands_units_in_elimination_order():
@@ -123,6 +144,8 @@ def test_bad_search_settings():
                      (SearchConfig(layer=1, score="logit"), "unknown golden score"), (SearchConfig(layer=1, score="label"), "classifier")]:
         with pytest.raises(ClipPruneError, match=msg):
             GoldenSearch(model, cfg)
+    with pytest.raises(ClipPruneError, match="one task's label"):
+        GoldenSearch(model, SearchConfig(layer=1, score="label"), classifier=[torch.randn(32, 3), torch.randn(32, 4)])
 
 
 def worker(out, n=16, slow_from=10**9, nproc=1):

@@ -13,7 +13,7 @@ from clipprune import methods as M
 from clipprune import vit as V
 from clipprune.errors import ClipPruneError
 from clipprune.pipeline import ranking_groups
-from conftest import tiny_clip
+from conftest import run_every_stage, tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,9 +117,34 @@ def test_kept_patches_recovers_each_selection():
         assert sorted(mask[b].nonzero()[:, 0].tolist()) == sorted(order[b, n // 2:].tolist())
 
 
-def test_synth_tasks_share_one_label_free_ranking():
+def test_synth_tasks_share_one_ranking_when_label_free_or_joint():
     data = config.DataParams(datasets=["synth/shape", "synth/colour", "wds/cifar10"])
     assert ranking_groups(data, config.GoldenParams(score="similarity")) == {"synth": "synth/shape", "wds-cifar10": "wds/cifar10"}
     for score in ("label", "max", "fidelity"):  # these read each task's classifier: one ranking per task
         assert ranking_groups(data, config.GoldenParams(score=score)) == {
             "synth-shape": "synth/shape", "synth-colour": "synth/colour", "wds-cifar10": "wds/cifar10"}
+        # golden.joint sums the score over the synthetic tasks: one ranking for them again
+        assert ranking_groups(data, config.GoldenParams(score=score, joint=True)) == {
+            "synth": "synth/shape", "wds-cifar10": "wds/cifar10"}
+
+
+def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
+    """params.yaml on a tiny world: the five tasks share one golden ranking, scored over all of them, and one
+    predictor; every stage runs and every task is evaluated by every method."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert params["golden"]["joint"] and params["golden"]["score"] == "fidelity"
+    params["data"].update(datasets=["synth/shape", "synth/size"], n_train=64, n_test=6)  # two tasks: joint, and fast
+    params["pretrain"].update(steps=3, batch_size=8, warmup=1, threads=1)
+    params["golden"].update(n_train=4, batch_size=2, shard_size=2)
+    params["predictor"].update(epochs=2, batch_size=2)
+    params["tune"].update(epochs=1, shots=1, batch_size=3)
+    params["eval"].update(sweep_keeps=[0.6, 1.0], sweep_images=3, overlay_images=2)
+    params["check"]["max_drop"] = 1.0  # a 3-step model: accuracies are noise, the gate's logic is tested elsewhere
+    run_every_stage(params, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "rankings").glob("*.pt")) == ["synth-test.pt", "synth-train.pt"]
+    test_ranking = torch.load(tmp_path / "rankings" / "synth-test.pt")
+    assert test_ranking["meta"]["tasks"] == params["data"]["datasets"] and len(test_ranking["patch_order"]) == 6
+    assert [p.name for p in (tmp_path / "models" / "predictors").iterdir()] == ["synth.pt"]
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert set(metrics["datasets"]) == set(params["data"]["datasets"])
+    assert all(set(m) == set(params["eval"]["methods"]) for m in metrics["datasets"].values())

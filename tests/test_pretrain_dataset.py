@@ -1,7 +1,4 @@
 """Pretraining on a labelled dataset (the CIFAR-10 profile's path), and the synthetic path left as it was."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ from clipprune import config, synth
 from clipprune.errors import ClipPruneError
 from clipprune.model import build_model, images_to_input, load_checkpoint
 from clipprune.pretrain import dataset_train_data, pretrain, square_pixels, template_captions
+from conftest import run_every_stage
 from test_data import make_wds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,14 +139,7 @@ def test_cifar10_profile_runs_every_stage(wds_root, tmp_path):
     params["tune"].update(epochs=1, shots=1, batch_size=3)
     params["eval"].update(sweep_keeps=[0.6, 1.0], sweep_images=4, overlay_images=2)
     params["check"]["max_drop"] = 1.0  # a 3-step model: accuracies are noise, the gate's logic is tested elsewhere
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    stages = ["data", "pretrain", "golden", "predictor", "tune", "flops", "evaluate", "sweep", "report", "check"]
-    for stage in stages:
-        args = ["--no-against-git"] if stage == "check" else []
-        out = subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, f"{stage}: {out.stderr[-3000:]}"
+    run_every_stage(params, tmp_path)
     assert (tmp_path / "data" / "cifar10" / "wds-cifar10" / "train" / "nshards.txt").is_file()
     report = yaml.safe_load((tmp_path / "reports" / "pretrain.json").read_text())
     assert set(report["zeroshot_top1"]) == {"wds/cifar10", "mean"}
