@@ -22,7 +22,7 @@ import torch
 
 from clipprune import config, synth
 from clipprune import vit as V
-from clipprune.golden import GoldenSearch, SearchConfig, load_ranking
+from clipprune.golden import NEEDS_CLASSIFIER, GoldenSearch, SearchConfig, load_ranking
 from clipprune.methods import build_method, encode_pruned
 from clipprune.pipeline import dataset_root, group_of, load_clip, ranking_path
 from clipprune.predictor import layer_tokens, load_predictor, predict_scores
@@ -107,6 +107,8 @@ def main(params_path, images, stability_images, sigma, as_json):
     report: dict = {"keep": prune_p.keep, "kept_patches": k, "images": n_img, "chance_overlap": round(k / n, 4),
                     "object_patch_share": round(float(obj.float().mean()), 4), "tasks": {}}
     golden_masks = {}
+    world = {t: classifier_weights(model, tokenizer, synth.TASKS[t]["classnames"], synth.TASKS[t]["templates"])
+             for t in tasks}  # a joint ranking's search reads every task's classifier
     for task in tasks:
         name = f"synth/{task}"
         key = group_of(data, golden, name)
@@ -117,7 +119,7 @@ def main(params_path, images, stability_images, sigma, as_json):
         pmask = keep_mask(scores.argsort(dim=1, stable=True), k)
         tds = load_dataset(name, root=root, split="test", transform=preprocess)
         y = torch.tensor(dataset_labels(tds.indexable())[:n_img])
-        clf = classifier_weights(model, tokenizer, tds.classnames, tds.templates)
+        clf = world[task]
         row = {"golden": rates(gmask, obj), "predictor": {**rates(pmask, obj),
                "topk_overlap": round(float((pmask & gmask).sum(dim=1).float().mean() / k), 4)}}
         acc = {label: accuracy(model, x, y, clf, m, keep=prune_p.keep, layer=prune_p.layer, seed=1)
@@ -127,7 +129,8 @@ def main(params_path, images, stability_images, sigma, as_json):
             m = min(stability_images, n_img)
             cfg = SearchConfig(layer=prune_p.layer, unit=golden.unit, per_round=golden.per_round, budget=golden.budget,
                                score=golden.score, chunk_tokens=golden.chunk_tokens)
-            search = GoldenSearch(model, cfg, classifier=clf)
+            joint = key == "synth" and golden.score in NEEDS_CLASSIFIER
+            search = GoldenSearch(model, cfg, classifier=list(world.values()) if joint else clf)
             noisy = x[:m] + sigma * torch.randn(x[:m].shape, generator=torch.Generator().manual_seed(2))
             again = torch.cat([search.search(noisy[s : s + 32], y[:m][s : s + 32]).patch_order for s in range(0, m, 32)])
             row["stability_topk_overlap"] = round(float((keep_mask(again, k) & gmask[:m]).sum(dim=1).float().mean() / k), 4)
