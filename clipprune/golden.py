@@ -153,7 +153,8 @@ class GoldenSearch:
         if cfg.score in NEEDS_CLASSIFIER and classifier is None:
             raise ClipPruneError(f"golden score {cfg.score!r} needs the zero-shot classifier (class text embeddings)")
         if cfg.score == "label" and isinstance(classifier, (list, tuple)):
-            raise ClipPruneError("golden score 'label' reads one task's label: it cannot rank several tasks jointly")
+            raise ClipPruneError("golden score 'label' reads one task's label: it cannot rank several tasks jointly "
+                                 "(golden.joint: false, or a label-free score)")
         self.cfg = cfg
         self.classifier = classifier
         self.scale = model.logit_scale.exp() if hasattr(model, "logit_scale") else torch.tensor(100.0)

@@ -29,9 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("data", "pretrain", "golden", "predictor", "tune", "flops", "evaluate", "sweep", "report", "check")
 
 
-def run_every_stage(params: dict, cwd: Path) -> None:
-    """Write `params` to cwd/params.yaml and run every DVC stage's command there in order, as dvc repro would
+def run_every_stage(params: dict, cwd: Path, *, n_ranked: int) -> None:
+    """Shrink a profile's `params` to seconds (3 pretraining steps, `n_ranked` ranked train images, one tuning
+    epoch), write them to cwd/params.yaml and run every DVC stage's command there in order, as dvc repro would
     (one process each; the gate without git). Fails with the stage's stderr."""
+    params["pretrain"].update(steps=3, batch_size=8, warmup=1, threads=1)
+    params["golden"].update(n_train=n_ranked, batch_size=2, shard_size=2)
+    params["predictor"].update(epochs=2, batch_size=2)
+    params["tune"].update(epochs=1, shots=1, batch_size=3)
+    params["eval"].update(sweep_keeps=[0.6, 1.0], sweep_images=3, overlay_images=2)
+    params["check"]["max_drop"] = 1.0  # a 3-step model: accuracies are noise, the gate's logic is tested elsewhere
     (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for stage in STAGES:

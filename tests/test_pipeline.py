@@ -134,13 +134,7 @@ def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["golden"]["joint"] and params["golden"]["score"] == "fidelity"
     params["data"].update(datasets=["synth/shape", "synth/size"], n_train=64, n_test=6)  # two tasks: joint, and fast
-    params["pretrain"].update(steps=3, batch_size=8, warmup=1, threads=1)
-    params["golden"].update(n_train=4, batch_size=2, shard_size=2)
-    params["predictor"].update(epochs=2, batch_size=2)
-    params["tune"].update(epochs=1, shots=1, batch_size=3)
-    params["eval"].update(sweep_keeps=[0.6, 1.0], sweep_images=3, overlay_images=2)
-    params["check"]["max_drop"] = 1.0  # a 3-step model: accuracies are noise, the gate's logic is tested elsewhere
-    run_every_stage(params, tmp_path)
+    run_every_stage(params, tmp_path, n_ranked=4)
     assert sorted(p.name for p in (tmp_path / "rankings").glob("*.pt")) == ["synth-test.pt", "synth-train.pt"]
     test_ranking = torch.load(tmp_path / "rankings" / "synth-test.pt")
     assert test_ranking["meta"]["tasks"] == params["data"]["datasets"] and len(test_ranking["patch_order"]) == 6

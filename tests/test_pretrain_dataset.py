@@ -133,13 +133,7 @@ def test_cifar10_profile_runs_every_stage(wds_root, tmp_path):
     params = yaml.safe_load(profile.read_text())
     assert params["data"]["datasets"] == ["wds/cifar10"] and params["model"]["arch"] == "clipprune-tiny"
     params["data"].update(source=str(wds_root), n_train=12, n_test=4)
-    params["pretrain"].update(steps=3, batch_size=8, warmup=1, threads=1)
-    params["golden"].update(n_train=6, batch_size=2, shard_size=2)
-    params["predictor"].update(epochs=2, batch_size=4)
-    params["tune"].update(epochs=1, shots=1, batch_size=3)
-    params["eval"].update(sweep_keeps=[0.6, 1.0], sweep_images=4, overlay_images=2)
-    params["check"]["max_drop"] = 1.0  # a 3-step model: accuracies are noise, the gate's logic is tested elsewhere
-    run_every_stage(params, tmp_path)
+    run_every_stage(params, tmp_path, n_ranked=6)
     assert (tmp_path / "data" / "cifar10" / "wds-cifar10" / "train" / "nshards.txt").is_file()
     report = yaml.safe_load((tmp_path / "reports" / "pretrain.json").read_text())
     assert set(report["zeroshot_top1"]) == {"wds/cifar10", "mean"}
