@@ -142,3 +142,21 @@ def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert set(metrics["datasets"]) == set(params["data"]["datasets"])
     assert all(set(m) == set(params["eval"]["methods"]) for m in metrics["datasets"].values())
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "profiles/cifar10.yaml", "profiles/paper.yaml"])
+def test_every_profile_defines_the_params_dvc_yaml_declares(profile):
+    """dvc repro refuses a stage whose declared param is missing from params.yaml ("Parameters ... are missing"),
+    which running the stages one by one never sees: every profile must define every key dvc.yaml declares."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / profile).read_text())
+    declared = sorted({key for stage in stages.values() for key in stage.get("params", []) if isinstance(key, str)})
+    missing = []
+    for key in declared:
+        node = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    assert declared and not missing, f"{profile} lacks {missing}"
