@@ -38,6 +38,9 @@ def main(params_path: str, progress: bool) -> None:
                        score=golden.score, chunk_tokens=golden.chunk_tokens)
     report = {}
     for key, name in ranking_groups(data, golden).items():
+        # golden.joint (a classifier-reading score with one "synth" group): every task of the world at once
+        tasks = [d for d in data.datasets if d.startswith("synth/")] if key == "synth" else []
+        classifier = None  # built once per group: its train and test splits share the classes
         for split in ("train", "test"):
             ds = load_dataset(name, root=dataset_root(data, name), split=split, transform=preprocess)
             dataset = ds.indexable()
@@ -46,14 +49,13 @@ def main(params_path: str, progress: bool) -> None:
                 dataset = torch.utils.data.Subset(dataset, range(cap))
             meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
                     "fingerprint": dataset_fingerprint(name, split, dataset)}
-            classifier = None
-            if golden.score in NEEDS_CLASSIFIER and key == "synth":  # golden.joint: every task of the world at once
-                meta["tasks"] = [d for d in data.datasets if d.startswith("synth/")]
-                tasks = [TASKS[d.removeprefix("synth/")] for d in meta["tasks"]]
-                classifier = [classifier_weights(clip, tokenizer, t["classnames"], t["templates"], device=dev)
-                              for t in tasks]
-            elif golden.score in NEEDS_CLASSIFIER:
-                classifier = classifier_weights(clip, tokenizer, ds.classnames, ds.templates, device=dev)
+            if golden.score in NEEDS_CLASSIFIER and tasks:
+                meta["tasks"] = tasks
+            if golden.score in NEEDS_CLASSIFIER and classifier is None:
+                specs = [TASKS[t.removeprefix("synth/")] for t in tasks] or [{"classnames": ds.classnames,
+                                                                            "templates": ds.templates}]
+                heads = [classifier_weights(clip, tokenizer, c["classnames"], c["templates"], device=dev) for c in specs]
+                classifier = heads if tasks else heads[0]
             out = ranking_path(key, split)
             run_search(model=clip, dataset=dataset, cfg=cfg, out_path=out, meta=meta, classifier=classifier,
                        batch_size=golden.batch_size, shard_size=golden.shard_size, device=dev,
