@@ -106,7 +106,7 @@ def main(params_path, images, stability_images, sigma, as_json):
     hand = selections(obj, k, seed=0)
     report: dict = {"keep": prune_p.keep, "kept_patches": k, "images": n_img, "chance_overlap": round(k / n, 4),
                     "object_patch_share": round(float(obj.float().mean()), 4), "tasks": {}}
-    golden_masks = {}
+    golden_masks, stability = {}, {}
     world = {t: classifier_weights(model, tokenizer, synth.TASKS[t]["classnames"], synth.TASKS[t]["templates"])
              for t in tasks}  # a joint ranking's search reads every task's classifier
     for task in tasks:
@@ -125,7 +125,7 @@ def main(params_path, images, stability_images, sigma, as_json):
         acc = {label: accuracy(model, x, y, clf, m, keep=prune_p.keep, layer=prune_p.layer, seed=1)
                for label, m in {**hand, "golden": gmask, "predictor": pmask}.items()}
         row["acc1"] = {label: round(v, 4) for label, v in acc.items()}
-        if stability_images:
+        if stability_images and key not in stability:  # a ranking shared by the tasks (one group) is searched once
             m = min(stability_images, n_img)
             cfg = SearchConfig(layer=prune_p.layer, unit=golden.unit, per_round=golden.per_round, budget=golden.budget,
                                score=golden.score, chunk_tokens=golden.chunk_tokens)
@@ -133,7 +133,9 @@ def main(params_path, images, stability_images, sigma, as_json):
             search = GoldenSearch(model, cfg, classifier=list(world.values()) if joint else clf)
             noisy = x[:m] + sigma * torch.randn(x[:m].shape, generator=torch.Generator().manual_seed(2))
             again = torch.cat([search.search(noisy[s : s + 32], y[:m][s : s + 32]).patch_order for s in range(0, m, 32)])
-            row["stability_topk_overlap"] = round(float((keep_mask(again, k) & gmask[:m]).sum(dim=1).float().mean() / k), 4)
+            stability[key] = round(float((keep_mask(again, k) & gmask[:m]).sum(dim=1).float().mean() / k), 4)
+        if stability_images:
+            row["stability_topk_overlap"] = stability[key]
         report["tasks"][task] = row
     pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
     if pairs:
