@@ -8,6 +8,8 @@ from clipprune.cli import params_opt, run
 from clipprune.io import write_bytes_atomic, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report
 
+SECTIONS = ("data", "model", "prune", "golden", "eval")  # what dvc.yaml's report stage declares under params
+
 
 def overlays(data, model_p, prune_p, golden, eval_p) -> None:
     """Which patches each method kept on a few test images of the first dataset (reports/figures/overlays.png)."""
@@ -43,7 +45,7 @@ def overlays(data, model_p, prune_p, golden, eval_p) -> None:
 @params_opt
 def main(params_path: str) -> None:
     """Write reports/metrics.json, reports/plots/*.csv, reports/figures/*.png and reports/summary.md."""
-    data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    data, model_p, prune_p, golden, eval_p = config.load(*SECTIONS, path=params_path)
     results = report.collect(REPORTS / "eval", data.datasets, eval_p.methods)
     predictor = read_report("predictor.json", stage="predictor")
     metrics = report.build_metrics(results, predictor=predictor)
@@ -54,7 +56,9 @@ def main(params_path: str) -> None:
     report.figures(metrics, vs_keep, REPORTS / "figures")
     overlays(data, model_p, prune_p, golden, eval_p)
     flops = read_report("flops.json", stage="flops")
-    params = config.load_params(params_path)
+    # Only the sections this stage declares in dvc.yaml: a section it does not depend on (check) could change
+    # without the report rerunning, and summary.md would then show a stale value.
+    params = {k: v for k, v in config.load_params(params_path).items() if k in SECTIONS}
     write_bytes_atomic(REPORTS / "summary.md", report.summary_markdown(metrics, flops, params=params, predictor=predictor).encode())
     click.echo((REPORTS / "summary.md").read_text().split("## Predictor")[0])
 

@@ -101,6 +101,12 @@ def test_check_stage_exit_codes(tmp_path):
                              cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
         assert out.returncode == code, out.stderr
         assert ("check failed" in out.stderr) == (code == 1)
+        # As the pipeline runs it (dvc.yaml: --record): the experiment completes, the verdict is a DVC metric.
+        out = subprocess.run([sys.executable, "-m", "stages.check", "--no-against-git", "--record"], capture_output=True,
+                             text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        verdict = json.loads((tmp_path / "reports" / "check.json").read_text())
+        assert out.returncode == 0 and verdict["passed"] == (code == 0), out.stderr
+        assert verdict["mean_drop"] == pytest.approx(0.04) and len(verdict["failures"]) == code
 
 
 def test_kept_patches_recovers_each_selection():
@@ -142,6 +148,11 @@ def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert set(metrics["datasets"]) == set(params["data"]["datasets"])
     assert all(set(m) == set(params["eval"]["methods"]) for m in metrics["datasets"].values())
+    # summary.md shows exactly the params its stage declares: an undeclared section could change without the
+    # report rerunning, and the file would then show a stale value.
+    shown = json.loads((tmp_path / "reports" / "summary.md").read_text().split("```yaml")[1].split("```")[0])
+    report_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
+    assert set(shown) == {p.split(".")[0] for p in report_stage["params"]}
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "profiles/cifar10.yaml", "profiles/paper.yaml"])
