@@ -39,6 +39,10 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _size_gb(folder: Path) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files) / GB
+
+
 def _inside(path: Path, folder: Path) -> bool:
     path, folder = path.absolute().resolve(), folder.absolute().resolve()
     return path == folder or folder in path.parents
@@ -60,7 +64,8 @@ def check(data: DataParams) -> tuple[list[Plan], list[str]]:
         key = next((k for k in need if os.stat(k).st_dev == os.stat(fs).st_dev), fs)
         need.setdefault(key, [0.0, []])
         need[key][0] += gb
-        need[key][1].append(name)
+        if name not in need[key][1]:
+            need[key][1].append(name)
 
     if source is not None and not source.is_dir():
         problems.append(f"data.source: {source} does not exist; set it to a folder holding the datasets, or null")
@@ -107,7 +112,8 @@ def check(data: DataParams) -> tuple[list[Plan], list[str]]:
                 if any(step[0] == "gdrive" for step in src.steps):
                     gdrive.append(name)
             if plans[-1].origin != "missing":  # the copy in data.root, and DVC's cache of that output
-                add(root, 2 * src.extracted_gb, name)
+                gb = src.extracted_gb if found is None else _size_gb(found[1])  # measured where it is there
+                add(root, 2 * gb, name)
         else:  # a clip_benchmark name
             if data.download:
                 plans.append(Plan(name, "download", cache / "clip_benchmark"))
