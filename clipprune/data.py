@@ -364,11 +364,13 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    made = [p for p in (tmp, *tmp.parents) if not p.exists()]  # the folders this creates, deepest first
     tmp.mkdir(parents=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # tmp and any parent it needed (data/): nothing of this run stays behind
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)

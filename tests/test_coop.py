@@ -338,3 +338,67 @@ def test_registries_are_complete():
     assert {n: s.template for n, s in COOP_DATASETS.items()} == TEMPLATES
     for name, spec in COOP_DATASETS.items():
         assert spec.split_file is None or SOURCES[name].split_url.startswith("https://drive.google.com/")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CoOp's real split files (../shared/data/coop_splits beside the clone), tiny stand-in images at their paths
+
+REAL_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coop_splits"
+# name: (classes, train/val/test sizes, first and last class name as prompts get them), from CoOp's published splits
+REAL = {"Caltech101": (100, (4128, 1649, 2465), "face", "yin yang"),
+        "OxfordPets": (37, (2944, 736, 3669), "abyssinian", "yorkshire terrier"),
+        "DTD": (47, (2820, 1128, 1692), "banded", "zigzagged")}
+
+
+def make_coop_from_split(data: Path, name: str, split_file: Path) -> int:
+    """Dataset `name` under the DATA root `data` from a real split file: the file where CoOp reads it, one small
+    stand-in JPEG at every path it lists (the same bytes each time: the layout is under test, not the pixels)."""
+    import io
+
+    spec = COOP_DATASETS[name]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 60, 30)).save(buf, format="JPEG")
+    blob = buf.getvalue()
+    ddir = data / spec.folder
+    ddir.mkdir(parents=True)
+    shutil.copy(split_file, ddir / spec.split_file)
+    paths = {ddir / spec.image_dir / rel for rows in json.loads(split_file.read_text()).values() for rel, _, _ in rows}
+    for d in {p.parent for p in paths}:
+        d.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        p.write_bytes(blob)
+    return len(paths)
+
+
+@pytest.mark.slow  # ~21k stand-in images copied and decoded by the data stage
+@pytest.mark.skipif(not REAL_SPLITS.is_dir(), reason=f"{REAL_SPLITS} (CoOp's real split files) is absent")
+def test_real_split_files_staged_together_from_one_root(tmp_path):
+    """Three datasets from one CoOp DATA root, staged together by the real data stage: each is there afterwards
+    and loads with CoOp's class counts, split sizes, class names and template."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    for name in REAL:
+        make_coop_from_split(tmp_path / "DATA", name, REAL_SPLITS / COOP_DATASETS[name].split_file)
+    root = Path(__file__).resolve().parent.parent
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(datasets=[f"coop/{n}" for n in REAL], root="data/coop", source=str(tmp_path / "DATA"),
+                          download=False, cache=str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "stages.data"], cwd=work, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    data = work / "data" / "coop"
+    assert sorted(os.listdir(data)) == sorted(COOP_DATASETS[n].folder for n in REAL)  # none wiped another
+    for name, (n_classes, sizes, first, last) in REAL.items():
+        for split, size in zip(("train", "val", "test"), sizes):
+            ld = load_dataset(f"coop/{name}", root=data, split=split)
+            assert len(ld.dataset) == size and len(ld.classnames) == n_classes
+            assert (ld.classnames[0], ld.classnames[-1]) == (first, last)
+            assert ld.templates == [TEMPLATES[name]]
+            assert sorted(set(ld.dataset.targets)) == list(range(n_classes))
+            assert all(Path(p).is_relative_to(data / COOP_DATASETS[name].folder) for p, _ in ld.dataset.samples)
