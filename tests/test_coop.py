@@ -402,3 +402,60 @@ def test_real_split_files_staged_together_from_one_root(tmp_path):
             assert ld.templates == [TEMPLATES[name]]
             assert sorted(set(ld.dataset.targets)) == list(range(n_classes))
             assert all(Path(p).is_relative_to(data / COOP_DATASETS[name].folder) for p, _ in ld.dataset.samples)
+
+
+SITECUSTOMIZE = '''
+import json, os
+from pathlib import Path
+import test_coop
+import torchvision.datasets.utils as tvu
+net = test_coop.FakeNet({k: Path(v) for k, v in json.loads(os.environ["FAKE_NET"]).items()},
+                        Path(os.environ["FAKE_NET_LOG"]))
+tvu.download_url, tvu.download_file_from_google_drive = net.download_url, net.download_file_from_google_drive
+'''
+
+
+@pytest.mark.slow  # two dvc repro runs
+def test_dvc_rerun_with_another_n_test_downloads_nothing(tmp_path):
+    """The real data stage under real `dvc repro` (which deletes data.root before it reruns the stage), with only
+    the network faked: the first run downloads DTD and FGVC into data.cache; after `n_test` changes, the rerun
+    stages both again from the cache and fetches nothing."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    make_coop(tmp_path / "stage", "DTD")
+    make_coop(tmp_path / "stage", "FGVCAircraft")
+    files = serve(tmp_path / "stage", tmp_path / "net")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os\nif 'FAKE_NET' in os.environ:\n"
+                                           + "".join(f"    {line}\n" for line in SITECUSTOMIZE.strip().splitlines()))
+    (hook / "gdown").mkdir()  # the Drive client exists (the prerequisite check looks for it); the fake replaces it
+    (hook / "gdown" / "__init__.py").write_text("")
+    root = Path(__file__).resolve().parent.parent
+    project = tmp_path / "project"
+    project.mkdir()
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["data"]
+    stage["deps"] = []  # the stage's code lives in the clone, reached through PYTHONPATH
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"data": stage}}))
+    params = yaml.safe_load((root / "profiles" / "paper.yaml").read_text())
+    params["data"].update(datasets=["coop/DTD", "coop/FGVCAircraft"], cache=str(tmp_path / "cache"), download=True)
+    env = {**os.environ, "PYTHONPATH": f"{hook}:{root}:{root / 'tests'}", "OMP_NUM_THREADS": "1",
+           "DVC_NO_ANALYTICS": "1", "FAKE_NET": json.dumps({k: str(v) for k, v in files.items()}),
+           "FAKE_NET_LOG": str(tmp_path / "calls.log"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python` in dvc.yaml: this one
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=project, env=env, check=True, capture_output=True)
+    log = FakeNet({}, tmp_path / "calls.log")
+    for n_test in (1000, 7):
+        params["data"]["n_test"] = n_test
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = subprocess.run(dvc + ["repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Running stage 'data'" in out.stdout
+        assert len(log.calls) == 3, log.calls  # DTD archive + split file, FGVC archive: once, on the first run
+        assert len(load_coop("FGVCAircraft", root=project / "data" / "coop", split="test").dataset) == 6
+        assert sorted(os.listdir(project / "data" / "coop")) == ["dtd", "fgvc_aircraft"]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["dtd", "fgvc_aircraft"]
