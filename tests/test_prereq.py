@@ -133,3 +133,15 @@ def test_check_only_through_the_shell(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"coop/ImageNet: copied from {tmp_path / 'cache' / 'imagenet'}" in out.stdout
     assert tree(tmp_path) == before
+
+
+def test_paper_profile_says_where_imagenet_goes(tmp_path):
+    from clipprune import config
+
+    (data,) = config.load("data", path=ROOT / "profiles" / "paper.yaml")
+    assert "coop/ImageNet" in data.datasets
+    data.cache = str(tmp_path / "cache")
+    _, problems = prereq.check(data)
+    (line,) = [p for p in problems if p.startswith("coop/ImageNet")]
+    assert "cannot be downloaded" in line and "imagenet/images/train/<wnid>/" in line and "classnames.txt" in line
+    assert str(tmp_path / "cache") in line
