@@ -22,6 +22,9 @@ class DataParams:
     root: str = "data/synth"  # where the data stage puts (or finds) them
     source: Optional[str] = None  # local root to copy from (wds/folder/coop); None: generate or download
     download: bool = False  # allow the data stage to download (needs a network)
+    # Downloads land here, outside data.root (DVC deletes its outputs before each rerun), so a rerun fetches
+    # nothing again; also where to place datasets that cannot be downloaded (ImageNet). A CoOp DATA root.
+    cache: str = "~/.cache/clipprune/data"
     n_train: int = 20000  # synthetic world: training image-caption pairs
     n_test: int = 2000  # test images: generated (synth) or the first n_test of a larger test split
     seed: int = 0

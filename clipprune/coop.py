@@ -9,12 +9,19 @@ Layout, under one DATA root (CoOp's DATASET.ROOT), one folder per dataset:
   dtd/images/                              + dtd/split_zhou_DescribableTextures.json
   ucf101/UCF-101-midframes/                + ucf101/split_zhou_UCF101.json
   imagenet/images/{train,val}/<wnid>/      + imagenet/classnames.txt ("wnid class name" lines)
+  eurosat/2750/                            + eurosat/split_zhou_EuroSAT.json
+  stanford_cars/{cars_train,cars_test}/    + stanford_cars/split_zhou_StanfordCars.json (relpaths from stanford_cars/)
+  sun397/SUN397/                           + sun397/split_zhou_SUN397.json
 A split_zhou json is {"train"|"val"|"test": [[relpath under the image dir, label, classname], ...]}.
 ImageNet has no val split of its own: CoOp uses the 50k val set as both "val" and "test".
 
 Prompts are CoOp's CUSTOM_TEMPLATES (trainers/zsclip.py), one per dataset, and class names get '_' -> ' '
 exactly as CoOp does when it formats them. The same datasets through clip_benchmark (its own splits, no
 UCF101) are one `resolve(name, protocol)` away.
+
+Where a dataset comes from (materialise): a local `source` DATA root, else the persistent download cache (a DATA
+root outside the DVC output, so a rerun of the data stage fetches nothing again), else a download into that
+cache. Each dataset is then checked, its images decoded, and staged on its own into dest/<folder>.
 """
 
 import json
@@ -39,6 +46,7 @@ class DatasetSpec:
     split_file: str | None      # split_zhou json inside `folder`; None where the reader uses other files
     template: str               # CoOp's CUSTOM_TEMPLATES entry, in our "{c}" convention
     reader: Callable            # (spec, dataset_dir, split) -> ([(image path, label)], raw classnames by label)
+    index_file: str             # the file the reader reads first: marks a folder as this dataset's
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,11 @@ class Source:
     #   ("extract", archive, into)          extract an archive that an earlier step unpacked
     #   ("gdrive", file_id, path)           Google-Drive file to `path` (extracted there if it is a .zip); needs gdown
     #   ("move", src, dst)                  rename a folder
+    #   ("remove", path)                    delete what an archive left beside the files CoOp reads
     steps: tuple[tuple, ...] = ()
+    # Approximate sizes in GB (published archive sizes; extracted = the dataset folder), for the disk check.
+    archive_gb: float = 0.0
+    extracted_gb: float = 0.0
 
 
 def clean_classname(name: str) -> str:
@@ -147,8 +159,8 @@ def _by_label(names: dict[int, str], *, where: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # registries (data)
 
-def _spec(name, folder, image_dir, split_file, template, reader=_read_split_json) -> DatasetSpec:
-    return DatasetSpec(name, folder, image_dir, split_file, template, reader)
+def _spec(name, folder, image_dir, split_file, template, reader=_read_split_json, index_file=None) -> DatasetSpec:
+    return DatasetSpec(name, folder, image_dir, split_file, template, reader, index_file or split_file)
 
 
 COOP_DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
@@ -157,16 +169,23 @@ COOP_DATASETS: dict[str, DatasetSpec] = {s.name: s for s in [
     _spec("Flowers102", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
           "a photo of a {c}, a type of flower."),
     _spec("Food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {c}, a type of food."),
-    _spec("FGVCAircraft", "fgvc_aircraft", "images", None, "a photo of a {c}, a type of aircraft.", _read_aircraft),
+    _spec("FGVCAircraft", "fgvc_aircraft", "images", None, "a photo of a {c}, a type of aircraft.", _read_aircraft,
+          "variants.txt"),
     _spec("DTD", "dtd", "images", "split_zhou_DescribableTextures.json", "{c} texture."),
     _spec("UCF101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {c}."),
-    _spec("ImageNet", "imagenet", "images", None, "a photo of a {c}.", _read_imagenet),
+    _spec("ImageNet", "imagenet", "images", None, "a photo of a {c}.", _read_imagenet, "classnames.txt"),
+    # Beyond the paper, as CoOp's datasets/*.py read them. EuroSAT's split file already holds CoOp's NEW_CNAMES
+    # ("Annual Crop Land"): CoOp renamed the classes when it wrote the split and reads names from it, as we do.
+    _spec("EuroSAT", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {c}."),
+    _spec("StanfordCars", "stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {c}."),  # relpaths
+    _spec("SUN397", "sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {c}."),  # from stanford_cars/
 ]}
 ALIASES = {"OxfordFlowers": "Flowers102", "DescribableTextures": "DTD"}  # CoOp's own DATASET.NAMEs
 
 # clip_benchmark's names for the same datasets (its own splits, not CoOp's); it has no UCF101.
 CLIP_BENCHMARK_NAMES = {"Caltech101": "vtab/caltech101", "OxfordPets": "pets", "Flowers102": "flowers",
-                        "Food101": "food101", "FGVCAircraft": "fgvc_aircraft", "DTD": "dtd", "ImageNet": "imagenet1k"}
+                        "Food101": "food101", "FGVCAircraft": "fgvc_aircraft", "DTD": "dtd", "ImageNet": "imagenet1k",
+                        "EuroSAT": "eurosat", "StanfordCars": "cars", "SUN397": "sun397"}
 
 _GD = "https://drive.google.com/file/d/{}/view"  # CoOp DATASETS.md links; ids below are the same files
 SOURCES: dict[str, Source] = {
@@ -179,7 +198,8 @@ SOURCES: dict[str, Source] = {
         (("archive", "https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
           "3138e1922a9193bfa496528edbbc45d0", "."),
          ("extract", "caltech-101/101_ObjectCategories.tar.gz", "caltech-101"),
-         ("gdrive", "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN", "caltech-101/split_zhou_Caltech101.json"))),
+         ("gdrive", "1hyarUivQE36mY6jSomru6Fjd-JzwcCzN", "caltech-101/split_zhou_Caltech101.json")),
+        archive_gb=0.14, extracted_gb=0.3),
     "OxfordPets": Source(
         "extract images.tar.gz (https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz) into oxford_pets/ "
         f"and put split_zhou_OxfordPets.json ({_GD.format('1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs')}) in oxford_pets/",
@@ -187,7 +207,8 @@ SOURCES: dict[str, Source] = {
         _GD.format("1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs"),
         (("archive", "https://www.robots.ox.ac.uk/~vgg/data/pets/data/images.tar.gz",
           "5c4f3ee8e5d25df40f4fd59a7f44e54c", "oxford_pets"),
-         ("gdrive", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs", "oxford_pets/split_zhou_OxfordPets.json"))),
+         ("gdrive", "1501r8Ber4nNKvmlFVQZ8SeUHTcdTTEqs", "oxford_pets/split_zhou_OxfordPets.json")),
+        archive_gb=0.8, extracted_gb=0.8),
     "Flowers102": Source(
         "extract 102flowers.tgz (https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz) into "
         f"oxford_flowers/ (gives jpg/) and put split_zhou_OxfordFlowers.json "
@@ -196,14 +217,16 @@ SOURCES: dict[str, Source] = {
         _GD.format("1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT"),
         (("archive", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",
           "52808999861908f626f3c1f4e79d11fa", "oxford_flowers"),
-         ("gdrive", "1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT", "oxford_flowers/split_zhou_OxfordFlowers.json"))),
+         ("gdrive", "1Pp0sRXzZFZq15zVOzKjKBu4A9i01nozT", "oxford_flowers/split_zhou_OxfordFlowers.json")),
+        archive_gb=0.35, extracted_gb=0.35),
     "Food101": Source(
         "extract food-101.tar.gz (http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz) in DATA (gives food-101/images/) "
         f"and put split_zhou_Food101.json ({_GD.format('1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl')}) in food-101/",
         ("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",),
         _GD.format("1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl"),
         (("archive", "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz", "85eeb15f3717b99a5da872d97d918f87", "."),
-         ("gdrive", "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl", "food-101/split_zhou_Food101.json"))),
+         ("gdrive", "1QK0tGi096I0Ba6kggatX1ee6dJFIcEJl", "food-101/split_zhou_Food101.json")),
+        archive_gb=5.0, extracted_gb=5.0),
     "FGVCAircraft": Source(
         "extract fgvc-aircraft-2013b.tar.gz (https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/"
         "fgvc-aircraft-2013b.tar.gz) and move its data/ folder to DATA/fgvc_aircraft (images/, variants.txt, "
@@ -212,7 +235,9 @@ SOURCES: dict[str, Source] = {
         None,
         (("archive", "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
           None, "."),
-         ("move", "fgvc-aircraft-2013b/data", "fgvc_aircraft"))),
+         ("move", "fgvc-aircraft-2013b/data", "fgvc_aircraft"),
+         ("remove", "fgvc-aircraft-2013b")),  # the archive's README and evaluation scripts: CoOp keeps only data/
+        archive_gb=2.8, extracted_gb=2.8),
     "DTD": Source(
         "extract dtd-r1.0.1.tar.gz (https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz) in DATA "
         f"(gives dtd/images/) and put split_zhou_DescribableTextures.json "
@@ -221,21 +246,51 @@ SOURCES: dict[str, Source] = {
         _GD.format("1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"),
         (("archive", "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
           "fff73e5086ae6bdbea199a49dfb8a4c1", "."),
-         ("gdrive", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x", "dtd/split_zhou_DescribableTextures.json"))),
+         ("gdrive", "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x", "dtd/split_zhou_DescribableTextures.json")),
+        archive_gb=0.63, extracted_gb=0.63),
     "UCF101": Source(
         f"extract CoOp's UCF-101-midframes.zip ({_GD.format('10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O')}) into ucf101/ "
         f"and put split_zhou_UCF101.json ({_GD.format('1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y')}) in ucf101/",
         (_GD.format("10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O"),),
         _GD.format("1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y"),
         (("gdrive", "10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O", "ucf101/UCF-101-midframes.zip"),
-         ("gdrive", "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y", "ucf101/split_zhou_UCF101.json"))),
+         ("gdrive", "1I0S0q91hJfsV9Gf4xDIjgDq4AqBNJb1y", "ucf101/split_zhou_UCF101.json")),
+        archive_gb=1.0, extracted_gb=1.0),  # not published: a generous estimate for 13,320 frames
     "ImageNet": Source(
         "extract ILSVRC2012 train and val (https://image-net.org, login required) to imagenet/images/train/<wnid>/ "
         "and imagenet/images/val/<wnid>/ (val sorted into class folders), and put classnames.txt "
         f"({_GD.format('1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF')}) in imagenet/",
         ("https://image-net.org/challenges/LSVRC/2012/2012-downloads.php",),
         _GD.format("1-61f_ol79pViBFDG_IDlUQSwoLcn2XXF"),
-        ()),  # licence: no automatic download
+        (),  # licence: no automatic download; placed by hand in data.source or data.cache
+        extracted_gb=147.0),
+    "EuroSAT": Source(
+        "extract EuroSAT.zip (RGB, https://madm.dfki.de/files/sentinel/EuroSAT.zip) into eurosat/ (gives 2750/) and "
+        f"put split_zhou_EuroSAT.json ({_GD.format('1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o')}) in eurosat/",
+        ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/c877bcd43f099cd0196738f714544e355477f3fd/"
+         "EuroSAT.zip",),  # torchvision's mirror: the DFKI server CoOp links is gone
+        _GD.format("1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o"),
+        (("archive", "https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+          "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip", "c8fa014336c82ac7804f0398fcb19387", "eurosat"),
+         ("gdrive", "1Ip7yaCWFi0eaOFUGga0lUdVi_DDQth1o", "eurosat/split_zhou_EuroSAT.json")),
+        archive_gb=0.09, extracted_gb=0.12),
+    "StanfordCars": Source(
+        "place the Stanford Cars images as stanford_cars/cars_train/ and stanford_cars/cars_test/ (the official "
+        "ai.stanford.edu archives are offline; torchvision no longer downloads them) and put "
+        f"split_zhou_StanfordCars.json ({_GD.format('1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT')}) in stanford_cars/",
+        ("http://ai.stanford.edu/~jkrause/car196/cars_train.tgz", "http://ai.stanford.edu/~jkrause/car196/cars_test.tgz"),
+        _GD.format("1ObCFbaAgVu0I-k_Au-gIUcefirdAuizT"),
+        (),  # no reachable official archive: no automatic download
+        extracted_gb=1.9),
+    "SUN397": Source(
+        "extract SUN397.tar.gz (http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz) into sun397/ (gives "
+        f"SUN397/) and put split_zhou_SUN397.json ({_GD.format('1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq')}) in sun397/",
+        ("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",),
+        _GD.format("1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq"),
+        (("archive", "http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz", "8ca2778205c41d23104230ba66911c7a",
+          "sun397"),
+         ("gdrive", "1y2RD81BYuiyvebdN-JymPfyWYcd8_MUq", "sun397/split_zhou_SUN397.json")),
+        archive_gb=37.0, extracted_gb=38.0),
 }
 
 
@@ -294,7 +349,9 @@ def dataset_dir(name: str, *, root: str | Path | None) -> Path:
                         f"{SOURCES[spec.name].howto} (DATA = {root})")
     if (root / spec.folder).is_dir():
         return root / spec.folder
-    if root.name == spec.folder or (root / spec.image_dir).is_dir():
+    # The dataset's own folder: named like it, or holding the file its reader reads first (never just an
+    # "images/" folder, which half of CoOp's datasets have).
+    if root.name == spec.folder or (root / spec.index_file).is_file():
         return root
     raise DataError(f"{root / spec.folder}: missing; {SOURCES[spec.name].howto} (DATA = {root})")
 
@@ -304,7 +361,10 @@ def load_coop(name: str, *, root: str | Path | None, split: str, transform=None)
     spec = spec_of(name)
     if split not in SPLITS:
         raise DataError(f"coop/{spec.name}: unknown split {split!r}; CoOp splits are {', '.join(SPLITS)}")
-    ddir = dataset_dir(spec.name, root=root)
+    return _load(spec, dataset_dir(spec.name, root=root), split, transform)
+
+
+def _load(spec: DatasetSpec, ddir: Path, split: str, transform=None) -> LoadedDataset:
     if not (ddir / spec.image_dir).is_dir():
         raise DataError(f"{ddir / spec.image_dir}: image folder missing; {SOURCES[spec.name].howto}")
     samples, classnames = spec.reader(spec, ddir, split)
@@ -326,46 +386,86 @@ def load_coop(name: str, *, root: str | Path | None, split: str, transform=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# materialise: copy a local copy, or download
+# materialise: find a local copy (source, then the download cache) or download into the cache; stage it
 
-def materialise(name: str, *, dest: str | Path, source: str | Path | None = None, download: bool = False,
-                splits: Sequence[str] = ("train", "test")) -> Path:
-    """Make dest a DATA root holding dataset `name` in CoOp's layout (dest/<folder>/); returns dest.
+def locate(name: str, *, source: str | Path | None, cache: str | Path | None,
+           splits: Sequence[str] = ("train", "test")) -> tuple[str, Path] | None:
+    """Where dataset `name` is already on disk: ("source", folder) or ("cache", folder); None if nowhere.
 
-    With `source` (a DATA root holding <folder>/, or <folder> itself) it copies; with download=True it runs
-    download_dataset(); either way the result must load for every split in `splits` before it lands in dest.
+    A source folder counts as soon as it is there (it is the user's: any fault in it is reported, never
+    papered over by a download); a cache folder only when it loads, so an interrupted download is fetched again.
     """
     spec = spec_of(name)
-    dest = Path(dest)
-    if source is not None:
-        src = dataset_dir(spec.name, root=source)
-        # Copy, never hardlink (as data.materialise): DVC makes its outputs read-only through the cache.
+    if source is not None and Path(source).expanduser().is_dir():
+        try:
+            return "source", dataset_dir(spec.name, root=Path(source).expanduser())
+        except DataError:
+            pass
+    if cache is not None:
+        folder = Path(cache).expanduser() / spec.folder
+        if folder.is_dir():
+            try:
+                _check(spec, folder, splits)
+                return "cache", folder
+            except DataError:
+                pass
+    return None
+
+
+def materialise(name: str, *, dest: str | Path, source: str | Path | None = None, cache: str | Path | None = None,
+                download: bool = False, splits: Sequence[str] = ("train", "test")) -> Path:
+    """Stage dataset `name` into the DATA root dest, as dest/<folder>/, leaving every other folder of dest alone.
+
+    Taken from `source` (a DATA root holding <folder>/, or <folder> itself), else from the download `cache` (a
+    DATA root that outlives the DVC output), else downloaded into `cache` when download=True. Before it lands in
+    dest it must load for every split in `splits` with every image decoding. Returns dest.
+    """
+    spec, dest = spec_of(name), Path(dest)
+    found = locate(spec.name, source=source, cache=cache, splits=splits)
+    if found is None:
+        src = SOURCES[spec.name]
+        if not download:
+            raise DataError(f"{dest}: coop/{spec.name} needs its files: set a local source root in params, enable "
+                            f"download (needs network), or by hand {src.howto} (DATA = {cache or dest})")
+        if cache is None:
+            raise DataError(f"coop/{spec.name}: download needs a cache folder to download into; set data.cache")
+        download_dataset(spec.name, root=Path(cache).expanduser())
+        found = "download", Path(cache).expanduser() / spec.folder
+    _, origin = found
+    created = not dest.exists()
+    try:
+        # Check and decode the origin first, so an error names the file the user can fix, then copy (never
+        # hardlink: DVC makes its outputs read-only through its cache, which would reach the source files).
+        check_images(spec, origin, splits)
         from .data import staged_copy
 
-        return staged_copy(src, dest, into=spec.folder, check=lambda tmp: _check(spec, tmp, splits))
-    if not download:
-        raise DataError(f"{dest}: coop/{spec.name} needs its files: set a local source root in params, enable "
-                        f"download (needs network), or by hand {SOURCES[spec.name].howto} (DATA = {dest})")
-    try:
-        _check(spec, dest, splits)  # already there (a rerun): nothing to fetch
-        return dest
-    except DataError:
-        pass
-    download_dataset(spec.name, root=dest)
-    _check(spec, dest, splits)
+        staged_copy(origin, dest / spec.folder, check=lambda tmp: _check(spec, tmp, splits))
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
     return dest
 
 
-def _check(spec: DatasetSpec, root: Path, splits: Sequence[str]) -> None:
-    for s in splits:  # a layout that does not load must not become a DVC output
-        load_coop(spec.name, root=root, split=s)
+def _check(spec: DatasetSpec, ddir: Path, splits: Sequence[str]) -> list[Path]:
+    """Load every split from the dataset folder ddir (layout, split files, every image present); the images."""
+    return [Path(p) for s in splits for p, _ in _load(spec, ddir, s).dataset.samples]
+
+
+def check_images(spec: DatasetSpec, ddir: Path, splits: Sequence[str]) -> None:
+    """Every image of `splits` in the dataset folder ddir is there and decodes; else the first bad one, named."""
+    from .data import verify_images
+
+    verify_images(dict.fromkeys(_check(spec, ddir, splits)),  # train/val/test may share files: decode once
+                  fix=f"re-extract it ({SOURCES[spec.name].howto})")
 
 
 def download_dataset(name: str, *, root: str | Path) -> Path:
     """Run SOURCES[name].steps into the DATA root `root` (official archives + CoOp's Google-Drive files).
 
-    Needs network; the Google-Drive files also need `gdown`. ImageNet has no automatic download (licence).
-    Straight into root, no temp dir: the archives are large and torchvision verifies them by md5 itself.
+    Needs network; the Google-Drive files also need `gdown` (the `paper` extra). ImageNet and StanfordCars have
+    no automatic download. Straight into root, no temp dir: root is the persistent download cache, the archives
+    are large and torchvision verifies them by md5 itself.
     """
     from torchvision.datasets import utils as tvu  # lazy; tests replace its download functions
 
@@ -392,6 +492,8 @@ def download_dataset(name: str, *, root: str | Path) -> Path:
                 src, dst = args
                 shutil.rmtree(root / dst, ignore_errors=True)
                 (root / src).rename(root / dst)
+            elif kind == "remove":
+                shutil.rmtree(root / args[0], ignore_errors=True)
             else:
                 raise ValueError(f"unknown download step {kind!r}")
     except (RuntimeError, OSError) as e:  # no network, no gdown, bad checksum; URLError is an OSError

@@ -11,21 +11,26 @@ Every input problem (missing root, empty dataset, unknown name, corrupt image) r
 one-line message that names the path and says what to do.
 """
 
+import contextlib
+import io
+import os
 import shutil
 import tarfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from clipprune.errors import ClipPruneError
 
 DEFAULT_TEMPLATES = ["a photo of a {c}."]
 WDS_META = ("classnames.txt", "zeroshot_classification_templates.txt")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's + wds's
 
 
 class DataError(ClipPruneError):
@@ -268,13 +273,81 @@ def few_shot_indices(labels: Sequence[int], *, shots: int, seed: int) -> list[in
     return sorted(picked)
 
 
-def staged_copy(source: Path, dest: Path, *, check, into: str = "") -> Path:
-    """Copy `source` to `dest/into` through `dest.partial`, run `check(partial)`, then rename into place:
+# ----------------------------------------------------------------------------------------------------------
+# verification: the data stage decodes what it stages, so a bad file fails there, named, not hours later
+
+def _decode(source) -> None:
+    """Decode an image fully (path or file object); raises what PIL raises on a truncated or garbage file."""
+    with Image.open(source) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (1, 1))  # 1/8-scale IDCT: every entropy-coded byte is still read, ~5x faster
+        im.load()
+
+
+def verify_images(paths: Iterable[str | Path], *, fix: str, threads: int | None = None) -> int:
+    """Decode every image in `paths` (in parallel: PIL releases the GIL); the first bad one in order is a
+    DataError naming it and `fix`. Returns the number checked."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed PIL globally: a truncated file would pass unseen
+        raise DataError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; unset it so truncated images are caught")
+    paths = list(paths)
+
+    def one(path):
+        try:
+            _decode(path)
+            return None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            return f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(threads or min(16, os.cpu_count() or 1)) as pool:
+        for path, err in zip(paths, pool.map(one, paths, chunksize=64)):  # map keeps order: the first bad one
+            if err is not None:
+                raise DataError(f"{path}: cannot decode image ({err}); {fix}")
+    return len(paths)
+
+
+def verify_wds(root: str | Path, *, split: str) -> int:
+    """Read every shard of `split` to its end, decoding every image member; returns the number of samples'
+    images. A truncated or corrupt shard is one DataError line naming it, never a tarfile traceback."""
+    root = Path(root)
+    n = 0
+    for i in range(check_wds_root(root, split=split)):
+        shard = root / split / f"{i}.tar"
+        fix = f"re-copy or re-export {shard.name}"
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    data = tar.extractfile(member).read()  # reads to the member's end: truncation raises here
+                    if member.name.lower().endswith(IMAGE_EXTS):
+                        try:
+                            _decode(io.BytesIO(data))
+                        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                            raise DataError(f"{shard}: member {member.name} cannot be decoded "
+                                            f"({type(e).__name__}: {e}); {fix}") from e
+                        n += 1
+                end = tar.offset  # where the end-of-archive marker (two zero blocks) must follow
+            with open(shard, "rb") as f:  # tarfile stops silently at a shard cut between two members
+                f.seek(end)
+                marker = f.read(2 * tarfile.BLOCKSIZE)
+            if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+                raise DataError(f"{shard}: ends without the tar end-of-archive marker after {end} bytes "
+                                f"(truncated); {fix}")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise DataError(f"{shard}: truncated or corrupt tar ({type(e).__name__}: {e}); {fix}") from e
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------
+# staging: nothing half-written ever becomes a DVC output
+
+def staged_copy(source: Path, dest: Path, *, check) -> Path:
+    """Copy `source` to `dest` through `dest.partial`, run `check(partial)`, then rename into place:
     a layout that does not load never becomes a DVC output, and a failed copy leaves nothing behind."""
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp / into if into else tmp)
     try:
+        shutil.copytree(source, tmp)
         check(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -284,16 +357,35 @@ def staged_copy(source: Path, dest: Path, *, check, into: str = "") -> Path:
     return dest
 
 
-def materialise(name: str, *, dest: str | Path, source: str | Path | None = None, n_train: int | None = None,
-                n_test: int | None = None, seed: int = 0, download: bool = False,
+@contextlib.contextmanager
+def staged_dir(dest: str | Path) -> Iterator[Path]:
+    """Build a whole output folder as `dest.partial` and rename it onto dest only if the block succeeds:
+    the data stage either leaves every dataset staged and checked, or no output at all."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    made = [p for p in (tmp, *tmp.parents) if not p.exists()]  # the folders this creates, deepest first
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        for folder in made:  # tmp and any parent it needed (data/): nothing of this run stays behind
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def materialise(name: str, *, dest: str | Path, source: str | Path | None = None, cache: str | Path | None = None,
+                n_train: int | None = None, n_test: int | None = None, seed: int = 0, download: bool = False,
                 splits: Sequence[str] = ("train", "test")) -> Path:
     """Put what dataset `name` needs under `dest` (data/<name>/) for the data stage; returns dest.
 
     synth*   generate the world (clipprune.synth.write_world) with n_train/n_test/seed.
-    wds/*    copy a local clip_benchmark webdataset root `source`, then check its layout.
-    folder   copy a local ImageFolder root `source`, then check it loads.
-    coop/*   copy `source` or, with download=True, fetch it (clipprune.coop.materialise); dest is a DATA root.
-    other    clip_benchmark's build_dataset(download=True) into dest (needs network and download=True).
+    wds/*    copy a local clip_benchmark webdataset root `source`, having read every shard to its end.
+    folder   copy a local ImageFolder root `source`, having decoded every image.
+    coop/*   stage dest/<folder> from `source`, the download `cache`, or a download into it (clipprune.coop).
+    other    clip_benchmark's build_dataset(download=True) into `cache` (persistent), then copied to dest.
     """
     dest = Path(dest)
     if name.startswith("synth"):
@@ -312,6 +404,12 @@ def materialise(name: str, *, dest: str | Path, source: str | Path | None = None
         present = [s for s in splits if (source / s).is_dir()]
         if not present:
             raise DataError(f"{source}: none of the splits {list(splits)} is there; expected {source}/<split>/")
+        for s in present:  # the source, so an error names the file the user can fix
+            if name == "folder":
+                samples = load_dataset("folder", root=source, split=s).dataset.samples
+                verify_images([p for p, _ in samples], fix="replace or delete it")
+            else:
+                verify_wds(source, split=s)
         # Copy, never hardlink: DVC moves outputs into its cache and makes them read-only, which through a
         # hardlink would change the (shared, read-only) source files too.
         def check(root: Path) -> None:
@@ -322,16 +420,20 @@ def materialise(name: str, *, dest: str | Path, source: str | Path | None = None
     if name.startswith("coop/"):
         from clipprune import coop
 
-        return coop.materialise(name.split("/", 1)[1], dest=dest, source=source, download=download, splits=splits)
+        return coop.materialise(name.split("/", 1)[1], dest=dest, source=source, cache=cache, download=download,
+                                splits=splits)
     if not download:
         raise DataError(f"{dest}: {name} must be downloaded; enable download in params (needs network) or "
                         f"place the files there by hand")
-    dest.mkdir(parents=True, exist_ok=True)
-    # Straight into dest, not a temp dir: downloads are large and torchvision resumes and verifies them itself.
+    # Into the persistent cache (DVC deletes dest before every rerun of the data stage), then copied.
+    target = Path(cache).expanduser() / "clip_benchmark" / name.replace("/", "-") if cache is not None else dest
+    target.mkdir(parents=True, exist_ok=True)
     for s in splits:
         try:
-            _build_clip_benchmark(name, root=dest, split=s, transform=None, download=True)
+            _build_clip_benchmark(name, root=target, split=s, transform=None, download=True)
         except DataError as e:
-            raise DataError(f"{dest}: could not download {name} split {s!r} ({e.__cause__ or e}); without "
+            raise DataError(f"{target}: could not download {name} split {s!r} ({e.__cause__ or e}); without "
                             f"network, place its files there as torchvision/clip_benchmark expect and rerun") from e
-    return dest
+    if target == dest:
+        return dest
+    return staged_copy(target, dest, check=lambda tmp: [load_dataset(name, root=tmp, split=s) for s in splits])

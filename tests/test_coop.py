@@ -34,13 +34,28 @@ SPLIT_JSON = {
     # writes the split; prompts then get '_' -> ' '.
     "UCF101": (["Apply_Eye_Makeup", "Yo_Yo", "Playing_Daf"], ["Apply Eye Makeup", "Yo Yo", "Playing Daf"],
                lambda c, i: f"{['Apply_Eye_Makeup', 'Yo_Yo', 'Playing_Daf'][c]}/v_{c}_g{i:02d}_c01.jpg"),
+    # CoOp's eurosat.py wrote its split with NEW_CNAMES applied, so the file already says "Annual Crop Land".
+    "EuroSAT": (["Annual Crop Land", "Herbaceous Vegetation Land", "Sea or Lake"],
+                ["Annual Crop Land", "Herbaceous Vegetation Land", "Sea or Lake"],
+                lambda c, i: f"{['AnnualCrop', 'HerbaceousVegetation', 'SeaLake'][c]}/"
+                             f"{['AnnualCrop', 'HerbaceousVegetation', 'SeaLake'][c]}_{i + 1}.jpg"),
+    # stanford_cars.py puts the year first; relpaths start at stanford_cars/ itself (image_dir "").
+    "StanfordCars": (["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 smart fortwo Convertible"],
+                     ["2000 AM General Hummer SUV", "2012 Acura RL Sedan", "2012 smart fortwo Convertible"],
+                     lambda c, i: f"{'cars_train' if i < 3 else 'cars_test'}/{100 * c + i + 1:05d}.jpg"),
+    # sun397.py: the folder path after the letter, reversed ("a/apartment_building/outdoor" -> "outdoor ...").
+    "SUN397": (["abbey", "outdoor apartment_building", "zen_garden"],
+               ["abbey", "outdoor apartment building", "zen garden"],
+               lambda c, i: f"{['a/abbey', 'a/apartment_building/outdoor', 'z/zen_garden'][c]}/sun_{c}{i:04d}.jpg"),
 }
 AIRCRAFT = ["707-320", "F/A-18", "Cessna 172"]  # '/' and spaces stay; labels follow variants.txt order
 IMAGENET = {"n02085620": "Chihuahua", "n01440764": "tench", "n01443537": "goldfish"}  # file order != wnid order
 TEMPLATES = {"Caltech101": "a photo of a {c}.", "OxfordPets": "a photo of a {c}, a type of pet.",
              "Flowers102": "a photo of a {c}, a type of flower.", "Food101": "a photo of {c}, a type of food.",
              "FGVCAircraft": "a photo of a {c}, a type of aircraft.", "DTD": "{c} texture.",
-             "UCF101": "a photo of a person doing {c}.", "ImageNet": "a photo of a {c}."}
+             "UCF101": "a photo of a person doing {c}.", "ImageNet": "a photo of a {c}.",
+             "EuroSAT": "a centered satellite photo of {c}.", "StanfordCars": "a photo of a {c}.",
+             "SUN397": "a photo of a {c}."}
 
 
 def _jpeg(path: Path, value: int) -> None:
@@ -190,7 +205,7 @@ def test_unknown_name_and_split(tmp_path):
     with pytest.raises(DataError, match="unknown split 'validation'"):
         load_coop("DTD", root=tmp_path, split="validation")
     with pytest.raises(DataError, match="unknown CoOp dataset"):
-        load_dataset("coop/SUN397", root=tmp_path, split="test")
+        load_dataset("coop/SUN398", root=tmp_path, split="test")
 
 
 def test_resolve_both_protocols():
@@ -198,7 +213,8 @@ def test_resolve_both_protocols():
     assert resolve("OxfordFlowers", "coop") == "coop/Flowers102"
     assert {n: resolve(n, "clip_benchmark") for n in COOP_DATASETS if n != "UCF101"} == {
         "Caltech101": "vtab/caltech101", "OxfordPets": "pets", "Flowers102": "flowers", "Food101": "food101",
-        "FGVCAircraft": "fgvc_aircraft", "DTD": "dtd", "ImageNet": "imagenet1k"}
+        "FGVCAircraft": "fgvc_aircraft", "DTD": "dtd", "ImageNet": "imagenet1k", "EuroSAT": "eurosat",
+        "StanfordCars": "cars", "SUN397": "sun397"}
     with pytest.raises(DataError, match="clip_benchmark has no UCF101"):
         resolve("UCF101", "clip_benchmark")
     with pytest.raises(DataError, match="unknown protocol"):
@@ -223,57 +239,98 @@ def test_materialise_copies_and_checks(tmp_path):
     assert "split_zhou_OxfordFlowers.json" in msg and SOURCES["Flowers102"].split_url in msg
 
 
-class FakeFetch:
-    """Stands in for torchvision's download helpers: 'downloads' come from a staged tiny layout."""
+class FakeNet:
+    """The network, and only the network, replaced (there is none here): torchvision's download_url and
+    download_file_from_google_drive copy files out of a local folder and log each call to `log`. The archives
+    are real .tar.gz files and torchvision's own extract_archive unpacks them."""
 
-    def __init__(self, stage: Path, archives: dict[str, tuple[str, str]]):
-        self.stage, self.archives, self.calls = stage, archives, []
+    def __init__(self, files: dict[str, Path], log: Path):
+        self.files, self.log = files, log
 
-    def download_and_extract_archive(self, url, download_root, md5=None, remove_finished=False):
-        self.calls.append(url)
-        src, dst = self.archives[url]
-        shutil.copytree(self.stage / src, Path(download_root) / dst)
+    @property
+    def calls(self) -> list[str]:
+        return self.log.read_text().split() if self.log.is_file() else []
+
+    def _fetch(self, key: str, root, filename) -> None:
+        with open(self.log, "a") as f:
+            f.write(key + "\n")
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.files[key], Path(root) / filename)
+
+    def download_url(self, url, root, filename=None, md5=None, max_redirect_hops=3):
+        self._fetch(url, root, filename or os.path.basename(url))
 
     def download_file_from_google_drive(self, file_id, root, filename=None, md5=None):
-        self.calls.append(file_id)
-        shutil.copy(self.stage / Path(root).name / filename, Path(root) / filename)
+        self._fetch(file_id, root, filename or file_id)
 
-    def extract_archive(self, *a, **k):
-        raise AssertionError("no nested archive in these layouts")
+    def install(self, monkeypatch) -> None:
+        import torchvision.datasets.utils as tvu
+
+        monkeypatch.setattr(tvu, "download_url", self.download_url)
+        monkeypatch.setattr(tvu, "download_file_from_google_drive", self.download_file_from_google_drive)
 
 
-def test_download_runs_documented_steps(tmp_path, monkeypatch):
-    import torchvision.datasets.utils as tvu
+def serve(stage: Path, net: Path) -> dict[str, Path]:
+    """What the internet holds for DTD and FGVCAircraft, built from their make_coop layouts under `stage`:
+    DTD's archive (dtd/images/...) and split file; FGVC's archive, whose data/ sits beside a README and an
+    evaluation script as in the real fgvc-aircraft-2013b.tar.gz. Returns {url or Drive id: local file}."""
+    import tarfile
 
+    net.mkdir(parents=True)
+    (net / "README.md").write_text("FGVC-Aircraft 2013b\n")
+    (net / "evaluation.m").write_text("% scoring script\n")
+    with tarfile.open(net / "dtd-r1.0.1.tar.gz", "w:gz") as tar:
+        tar.add(stage / "dtd" / "images", arcname="dtd/images")
+    with tarfile.open(net / "fgvc-aircraft-2013b.tar.gz", "w:gz") as tar:
+        tar.add(stage / "fgvc_aircraft", arcname="fgvc-aircraft-2013b/data")
+        for extra in ("README.md", "evaluation.m"):
+            tar.add(net / extra, arcname=f"fgvc-aircraft-2013b/{extra}")
+    split = net / "split_zhou_DescribableTextures.json"
+    shutil.copy(stage / "dtd" / "split_zhou_DescribableTextures.json", split)
+    dtd_gdrive = SOURCES["DTD"].steps[1][1]
+    return {SOURCES["DTD"].archives[0]: net / "dtd-r1.0.1.tar.gz", dtd_gdrive: split,
+            SOURCES["FGVCAircraft"].archives[0]: net / "fgvc-aircraft-2013b.tar.gz"}
+
+
+def test_download_runs_documented_steps_into_the_cache(tmp_path, monkeypatch):
     make_coop(tmp_path / "stage", "DTD")
     make_coop(tmp_path / "stage", "FGVCAircraft")
-    dtd_url, air_url = SOURCES["DTD"].archives[0], SOURCES["FGVCAircraft"].archives[0]
-    fake = FakeFetch(tmp_path / "stage", {dtd_url: ("dtd/images", "dtd/images"),
-                                          air_url: ("fgvc_aircraft", "fgvc-aircraft-2013b/data")})
-    for fn in ("download_and_extract_archive", "download_file_from_google_drive", "extract_archive"):
-        monkeypatch.setattr(tvu, fn, getattr(fake, fn))
+    net = FakeNet(serve(tmp_path / "stage", tmp_path / "net"), tmp_path / "calls.log")
+    net.install(monkeypatch)
+    cache, dest = tmp_path / "cache", tmp_path / "data" / "coop"
+    dtd_url = SOURCES["DTD"].archives[0]
 
-    dest = materialise("coop/DTD", dest=tmp_path / "data" / "dtd", download=True)
-    assert fake.calls == [dtd_url, "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"]
+    assert materialise("coop/DTD", dest=dest, cache=cache, download=True) == dest
+    assert net.calls == [dtd_url, "1u3_QfB467jqHgNXC00UIzbLZRQCg2S7x"]
     assert load_dataset("coop/DTD", root=dest, split="val").classnames == ["banded", "blotchy", "zigzagged"]
-    materialise("coop/DTD", dest=dest, download=True)  # already there: fetches nothing
-    assert len(fake.calls) == 2
+    assert sorted(os.listdir(cache)) == ["dtd"]  # the archive was removed once extracted
+    # DVC deletes data.root before it reruns the data stage: the cache outlives it, nothing is fetched again
+    shutil.rmtree(dest)
+    materialise("coop/DTD", dest=dest, cache=cache, download=True)
+    assert len(net.calls) == 2 and len(load_coop("DTD", root=dest, split="test").dataset) == 6
 
-    dest = materialise("coop/FGVCAircraft", dest=tmp_path / "data" / "air", download=True)
-    assert (dest / "fgvc_aircraft" / "variants.txt").is_file()  # the archive's data/ moved into place
+    materialise("coop/FGVCAircraft", dest=dest, cache=cache, download=True)
+    assert (cache / "fgvc_aircraft" / "variants.txt").is_file()  # the archive's data/ moved into place
+    assert sorted(os.listdir(cache)) == ["dtd", "fgvc_aircraft"]  # no stray fgvc-aircraft-2013b/ left
+    assert sorted(os.listdir(dest)) == ["dtd", "fgvc_aircraft"]  # staging FGVC left DTD in place
     assert len(load_coop("FGVCAircraft", root=dest, split="test").dataset) == 6
 
     with pytest.raises(DataError, match="cannot be downloaded automatically.*image-net.org"):
-        materialise("coop/ImageNet", dest=tmp_path / "data" / "in", download=True)
+        materialise("coop/ImageNet", dest=tmp_path / "data" / "in", cache=cache, download=True)
+    with pytest.raises(DataError, match="needs its files.*data.cache|needs its files"):
+        materialise("coop/Food101", dest=tmp_path / "data" / "food", cache=cache, download=False)
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    import torchvision.datasets.utils as tvu
+
+    monkeypatch.setattr(tvu, "download_url", offline)
     with pytest.raises(DataError) as e:
-        materialise("coop/Food101", dest=tmp_path / "data" / "food", download=True)
+        materialise("coop/Food101", dest=tmp_path / "data" / "food", cache=cache, download=True)
     assert "could not download Food101" in str(e.value) and "food-101.tar.gz" in str(e.value)
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "data" / "food").exists()
 
 
 def test_registries_are_complete():
@@ -281,3 +338,124 @@ def test_registries_are_complete():
     assert {n: s.template for n, s in COOP_DATASETS.items()} == TEMPLATES
     for name, spec in COOP_DATASETS.items():
         assert spec.split_file is None or SOURCES[name].split_url.startswith("https://drive.google.com/")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CoOp's real split files (../shared/data/coop_splits beside the clone), tiny stand-in images at their paths
+
+REAL_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coop_splits"
+# name: (classes, train/val/test sizes, first and last class name as prompts get them), from CoOp's published splits
+REAL = {"Caltech101": (100, (4128, 1649, 2465), "face", "yin yang"),
+        "OxfordPets": (37, (2944, 736, 3669), "abyssinian", "yorkshire terrier"),
+        "DTD": (47, (2820, 1128, 1692), "banded", "zigzagged")}
+
+
+def make_coop_from_split(data: Path, name: str, split_file: Path) -> int:
+    """Dataset `name` under the DATA root `data` from a real split file: the file where CoOp reads it, one small
+    stand-in JPEG at every path it lists (the same bytes each time: the layout is under test, not the pixels)."""
+    import io
+
+    spec = COOP_DATASETS[name]
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 60, 30)).save(buf, format="JPEG")
+    blob = buf.getvalue()
+    ddir = data / spec.folder
+    ddir.mkdir(parents=True)
+    shutil.copy(split_file, ddir / spec.split_file)
+    paths = {ddir / spec.image_dir / rel for rows in json.loads(split_file.read_text()).values() for rel, _, _ in rows}
+    for d in {p.parent for p in paths}:
+        d.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        p.write_bytes(blob)
+    return len(paths)
+
+
+@pytest.mark.slow  # ~21k stand-in images copied and decoded by the data stage
+@pytest.mark.skipif(not REAL_SPLITS.is_dir(), reason=f"{REAL_SPLITS} (CoOp's real split files) is absent")
+def test_real_split_files_staged_together_from_one_root(tmp_path):
+    """Three datasets from one CoOp DATA root, staged together by the real data stage: each is there afterwards
+    and loads with CoOp's class counts, split sizes, class names and template."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    for name in REAL:
+        make_coop_from_split(tmp_path / "DATA", name, REAL_SPLITS / COOP_DATASETS[name].split_file)
+    root = Path(__file__).resolve().parent.parent
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(datasets=[f"coop/{n}" for n in REAL], root="data/coop", source=str(tmp_path / "DATA"),
+                          download=False, cache=str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run([sys.executable, "-m", "stages.data"], cwd=work, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    data = work / "data" / "coop"
+    assert sorted(os.listdir(data)) == sorted(COOP_DATASETS[n].folder for n in REAL)  # none wiped another
+    for name, (n_classes, sizes, first, last) in REAL.items():
+        for split, size in zip(("train", "val", "test"), sizes):
+            ld = load_dataset(f"coop/{name}", root=data, split=split)
+            assert len(ld.dataset) == size and len(ld.classnames) == n_classes
+            assert (ld.classnames[0], ld.classnames[-1]) == (first, last)
+            assert ld.templates == [TEMPLATES[name]]
+            assert sorted(set(ld.dataset.targets)) == list(range(n_classes))
+            assert all(Path(p).is_relative_to(data / COOP_DATASETS[name].folder) for p, _ in ld.dataset.samples)
+
+
+SITECUSTOMIZE = '''
+import json, os
+from pathlib import Path
+import test_coop
+import torchvision.datasets.utils as tvu
+net = test_coop.FakeNet({k: Path(v) for k, v in json.loads(os.environ["FAKE_NET"]).items()},
+                        Path(os.environ["FAKE_NET_LOG"]))
+tvu.download_url, tvu.download_file_from_google_drive = net.download_url, net.download_file_from_google_drive
+'''
+
+
+@pytest.mark.slow  # two dvc repro runs
+def test_dvc_rerun_with_another_n_test_downloads_nothing(tmp_path):
+    """The real data stage under real `dvc repro` (which deletes data.root before it reruns the stage), with only
+    the network faked: the first run downloads DTD and FGVC into data.cache; after `n_test` changes, the rerun
+    stages both again from the cache and fetches nothing."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    make_coop(tmp_path / "stage", "DTD")
+    make_coop(tmp_path / "stage", "FGVCAircraft")
+    files = serve(tmp_path / "stage", tmp_path / "net")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os\nif 'FAKE_NET' in os.environ:\n"
+                                           + "".join(f"    {line}\n" for line in SITECUSTOMIZE.strip().splitlines()))
+    (hook / "gdown").mkdir()  # the Drive client exists (the prerequisite check looks for it); the fake replaces it
+    (hook / "gdown" / "__init__.py").write_text("")
+    root = Path(__file__).resolve().parent.parent
+    project = tmp_path / "project"
+    project.mkdir()
+    stage = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["data"]
+    stage["deps"] = []  # the stage's code lives in the clone, reached through PYTHONPATH
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"data": stage}}))
+    params = yaml.safe_load((root / "profiles" / "paper.yaml").read_text())
+    params["data"].update(datasets=["coop/DTD", "coop/FGVCAircraft"], cache=str(tmp_path / "cache"), download=True)
+    env = {**os.environ, "PYTHONPATH": f"{hook}:{root}:{root / 'tests'}", "OMP_NUM_THREADS": "1",
+           "DVC_NO_ANALYTICS": "1", "FAKE_NET": json.dumps({k: str(v) for k, v in files.items()}),
+           "FAKE_NET_LOG": str(tmp_path / "calls.log"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `python` in dvc.yaml: this one
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    subprocess.run(dvc + ["init", "--no-scm", "-q"], cwd=project, env=env, check=True, capture_output=True)
+    log = FakeNet({}, tmp_path / "calls.log")
+    for n_test in (1000, 7):
+        params["data"]["n_test"] = n_test
+        (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = subprocess.run(dvc + ["repro"], cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "Running stage 'data'" in out.stdout
+        assert len(log.calls) == 3, log.calls  # DTD archive + split file, FGVC archive: once, on the first run
+        assert len(load_coop("FGVCAircraft", root=project / "data" / "coop", split="test").dataset) == 6
+        assert sorted(os.listdir(project / "data" / "coop")) == ["dtd", "fgvc_aircraft"]
+    assert sorted(os.listdir(tmp_path / "cache")) == ["dtd", "fgvc_aircraft"]

@@ -238,3 +238,116 @@ def test_wds_indexable_matches_the_stream_in_order(tmp_path):
         assert torch.equal(indexed[i][0], x) and indexed[i][1] == y
     folder = load_dataset("folder", root=make_folder(tmp_path / "f"), split="test")
     assert folder.indexable() is folder.dataset  # map-style datasets are already indexable
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the data stage verifies what it stages: every image decoded, every shard read to its end
+
+def _noise_image(path: Path, fmt: str) -> None:
+    """A 48x48 noise image: its compressed data is most of the file, so a cut lands in the pixels."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format=fmt)
+
+
+def _truncate(path: Path, fmt: str) -> Path:
+    _noise_image(path, fmt)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) * 6 // 10])
+    return path
+
+
+def _garbage(path: Path) -> Path:
+    path.write_bytes(b"\x00\x01 not an image " * 20)
+    return path
+
+
+def _cut_shard(shard: Path, where: str) -> Path:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    at = members[0].offset_data + members[0].size // 2 if where == "mid-member" else members[2].offset
+    shard.write_bytes(shard.read_bytes()[:at])
+    return shard
+
+
+def _bad_member(root: Path) -> Path:
+    with wds.TarWriter(str(root / "test" / "0.tar")) as w:
+        w.write({"__key__": "good", "png": _image_bytes(0, "png"), "cls": 0})
+        w.write({"__key__": "bad", "jpg": _image_bytes(9, "jpeg")[:200], "cls": 1})
+    return root / "test" / "0.tar"
+
+
+def _coop_image(src: Path) -> Path:
+    from test_coop import make_coop
+
+    return make_coop(src, "OxfordPets")["train"][4][0]
+
+
+# case: (dataset name, build the source, break it -> the file the error must name)
+BROKEN = {
+    "coop truncated jpeg": ("coop/OxfordPets", None, lambda src: _truncate(_coop_image(src), "JPEG")),
+    "coop garbage file": ("coop/OxfordPets", None, lambda src: _garbage(_coop_image(src))),
+    "folder truncated png": ("folder", make_folder, lambda src: _truncate(src / "test" / "dog" / "1.png", "PNG")),
+    "folder truncated jpeg": ("folder", make_folder,
+                              lambda src: _truncate(src / "test" / "dog" / "1.png", "JPEG")),  # a .png holding a jpeg
+    "folder garbage file": ("folder", make_folder, lambda src: _garbage(src / "test" / "big_cat" / "2.png")),
+    "wds shard cut mid-member": ("wds/tiny", lambda r: make_wds(r, labels={"test": [0, 1, 2]}),
+                                 lambda src: _cut_shard(src / "test" / "0.tar", "mid-member")),
+    "wds shard cut between samples": ("wds/tiny", lambda r: make_wds(r, labels={"test": [0, 1, 2]}),
+                                      lambda src: _cut_shard(src / "test" / "0.tar", "between")),
+    "wds truncated image in a shard": ("wds/tiny", lambda r: make_wds(r, labels={"test": [0, 1, 2]}), _bad_member),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_staging_names_the_first_bad_file(tmp_path, case):
+    name, build, breakage = BROKEN[case]
+    src = tmp_path / "src"
+    if build:
+        build(src)
+    culprit = breakage(src)
+    dest = tmp_path / "data" / "x"
+    with pytest.raises(DataError) as e:
+        materialise(name, dest=dest, source=src, cache=tmp_path / "cache", splits=("train", "test"))
+    msg = str(e.value)
+    assert msg.startswith(str(culprit)) and "\n" not in msg and "Traceback" not in msg
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())  # nothing staged
+
+
+def test_good_sources_stage_after_full_verification(tmp_path):
+    from clipprune.data import verify_images, verify_wds
+
+    src = make_wds(tmp_path / "w", labels={"test": [0, 1, 2, 0, 1]})
+    assert verify_wds(src, split="test") == 5  # every image of every shard decoded
+    folder = make_folder(tmp_path / "f")
+    _noise_image(folder / "test" / "dog" / "3.png", "JPEG")  # a whole noise JPEG decodes
+    assert verify_images(sorted((folder / "test").rglob("*.png")), fix="-") == 7
+
+
+def test_data_stage_bad_image_through_the_shell(tmp_path):
+    """`python -m stages.data` on a source whose second dataset holds a truncated JPEG: exit 2, one stderr line
+    naming the file, and no output folder at all (the first dataset, already staged, is not left behind)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from test_coop import make_coop
+
+    make_coop(tmp_path / "DATA", "DTD")
+    bad = _truncate(make_coop(tmp_path / "DATA", "OxfordPets")["test"][1][0], "JPEG")
+    root = Path(__file__).resolve().parent.parent
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"].update(datasets=["coop/DTD", "coop/OxfordPets"], root="data/coop", source=str(tmp_path / "DATA"),
+                          download=False, cache=str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = subprocess.run(["bash", "-c", f"{sys.executable} -m stages.data"], cwd=work, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: cannot decode image"), out.stderr
+    assert sorted(os.listdir(work)) == ["params.yaml"]  # no data/coop, no data/coop.partial
