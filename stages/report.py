@@ -5,6 +5,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from clipprune import config, report
 from clipprune.cli import params_opt, run
+from clipprune.experiment import eval_labels
 from clipprune.io import write_bytes_atomic, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report
 
@@ -43,8 +44,9 @@ def overlays(data, model_p, prune_p, golden, eval_p) -> None:
 @params_opt
 def main(params_path: str) -> None:
     """Write reports/metrics.json, reports/plots/*.csv, reports/figures/*.png and reports/summary.md."""
-    data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
-    results = report.collect(REPORTS / "eval", data.datasets, eval_p.methods)
+    data, model_p, prune_p, golden, eval_p, pred_p = config.load("data", "model", "prune", "golden", "eval", "predictor",
+                                                                 path=params_path)
+    results = report.collect(REPORTS / "eval", data.datasets, list(eval_labels(eval_p, data, pred_p)))
     predictor = read_report("predictor.json", stage="predictor")
     metrics = report.build_metrics(results, predictor=predictor)
     write_json_atomic(REPORTS / "metrics.json", metrics)
