@@ -81,6 +81,14 @@ class PredictorParams:
     weight_decay: float = 1e-4
     batch_size: int = 64
     seed: int = 0
+    # A dataset of data.datasets whose predictor (and pruned-model tokens) every dataset is also evaluated with:
+    # the paper's "Ours (ImageNet-trained)" row. Adds the rows predictor@<name> and predictor+tokens@<name>.
+    transfer_from: Optional[str] = None
+
+
+AUGMENTS = ("none", "crop_flip")  # crop_flip: Dassl's random_resized_crop + random_flip (the IVLP/VPT configs)
+SCHEDULES = ("cosine", "dassl")  # cosine: per step to 0 after the warm-up | dassl: Dassl's, changed once per epoch
+FEWSHOT = ("per_class", "dassl")  # per_class: a generator per (seed, class) | dassl: Dassl's random.sample draw
 
 
 @dataclass
@@ -94,6 +102,20 @@ class TuneParams:
     lr: float = 2e-3
     batch_size: int = 32
     seed: int = 0
+    # The recipe (README, "The paper profile"). The defaults are the default profile's: no augmentation, no warm-up.
+    augment: str = "none"  # none | crop_flip (training images only; evaluation always sees the model's preprocess)
+    warmup_epochs: int = 0  # epochs at the constant warmup_lr before the schedule starts
+    warmup_lr: float = 1e-5
+    schedule: str = "cosine"  # cosine | dassl (see SCHEDULES)
+    weight_decay: float = 0.0  # SGD weight decay (Dassl's default is 5e-4)
+    fewshot: str = "per_class"  # per_class | dassl (see FEWSHOT)
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("augment", AUGMENTS), ("schedule", SCHEDULES), ("fewshot", FEWSHOT)):
+            if getattr(self, key) not in allowed:
+                raise ClipPruneError(f"params: 'tune.{key}' must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.warmup_epochs < 0:
+            raise ClipPruneError(f"params: 'tune.warmup_epochs' must be >= 0, got {self.warmup_epochs}")
 
 
 @dataclass
@@ -103,7 +125,7 @@ class EvalParams:
                                                         "predictor+tokens", "full+tokens"])
     sweep_keeps: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     sweep_methods: list[str] = field(default_factory=lambda: ["random", "cls_attention", "tome", "golden", "predictor"])
-    sweep_images: int = 500  # test images per dataset for each sweep point (the main table uses all)
+    sweep_images: int = 500  # test images per dataset per sweep point: a class-stratified sample drawn with data.seed
     overlay_images: int = 6  # test images drawn with each method's kept patches
 
 
@@ -185,3 +207,17 @@ def load(*names: str, path: str | Path = "params.yaml") -> tuple:
     """Validated sections `names` of the params file, in order."""
     params = load_params(path)
     return tuple(section(params, n) for n in names)
+
+
+def pick(params: dict, keys) -> dict:
+    """The part of `params` that dotted `keys` name ("eval" a whole section, "predictor.transfer_from" one key),
+    nested as in the file: what a stage that declares those keys in dvc.yaml may show."""
+    out: dict = {}
+    for key in keys:
+        src, dst, parts = params, out, key.split(".")
+        for part in parts[:-1]:
+            src = src.get(part, {})
+            dst = dst.setdefault(part, {})
+        if parts[-1] in src:
+            dst[parts[-1]] = src[parts[-1]]
+    return out

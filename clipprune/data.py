@@ -254,14 +254,32 @@ def dataset_labels(dataset: torch.utils.data.Dataset) -> list[int]:
     return [int(dataset[i][1]) for i in range(len(dataset))]
 
 
-def few_shot_indices(labels: Sequence[int], *, shots: int, seed: int) -> list[int]:
-    """`shots` indices per class, sorted. Classes with fewer than `shots` examples contribute all of them.
+def few_shot_indices(labels: Sequence[int], *, shots: int, seed: int, mode: str = "per_class") -> list[int]:
+    """`shots` indices per class of the dataset whose labels are `labels` (in dataset order).
 
-    Each class draws from its own generator seeded by (seed, class), so a class's pick depends only on its own
-    examples, and the k-shot set is a subset of the (k+1)-shot set for the same seed.
+    per_class: sorted; a class with fewer than `shots` examples gives all of them. Each class draws from its own
+    generator seeded by (seed, class), so a class's pick depends only on its own examples, and the k-shot set is a
+    subset of the (k+1)-shot set for the same seed.
+    dassl: Dassl's DatasetBase.generate_fewshot_dataset after CoOp's set_random_seed(seed): Python's `random`
+    seeded with `seed`, classes in order of first appearance, random.sample(class items, shots), or, for a class
+    with fewer, random.choices(items, k=shots) (repeats). Unsorted, in Dassl's order. On a CoOp split list it
+    picks the images CoOp's shot_<k>-seed_<seed>.pkl holds (README, "The paper profile", says when).
     """
     if shots < 1:
         raise DataError(f"few-shot: shots must be >= 1, got {shots}; fix tune.shots in params")
+    if mode == "dassl":
+        import random
+
+        rng = random.Random(seed)  # the same state as random.seed(seed), without touching the global one
+        by_label: dict[int, list[int]] = {}
+        for i, y in enumerate(labels):
+            by_label.setdefault(int(y), []).append(i)
+        drawn: list[int] = []
+        for items in by_label.values():
+            drawn.extend(rng.sample(items, shots) if len(items) >= shots else rng.choices(items, k=shots))
+        return drawn
+    if mode != "per_class":
+        raise DataError(f"few-shot: mode must be 'per_class' or 'dassl', got {mode!r}; fix tune.fewshot in params")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.size and labels.min() < 0:
         raise DataError(f"few-shot: negative label {labels.min()} in the labels; labels must be class indices >= 0")

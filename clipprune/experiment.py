@@ -4,22 +4,46 @@ Matching: the predictor at (prune.keep, prune.layer), its own cost included, set
 and CLS-attention get the keep count, ToMe the (fractional) r, that meets it within 1%. The golden oracle
 keeps exactly the predictor's token count (its search cost is offline, like the predictor's training).
 `+tokens` rows add the learned visual tokens' cost, stated beside them; `full` rows are unpruned.
+With predictor.transfer_from set, every dataset is also evaluated with another dataset's predictor and tokens
+(`predictor@<source>`, `predictor+tokens@<source>`: the paper's "Ours (ImageNet-trained)" row). The sweep reads a
+class-stratified sample of each test split (`sweep_indices`), the same images for every method and keep.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from . import vit as V
-from .config import DataParams, EvalParams, GoldenParams, ModelParams, PruneParams
+from .config import DataParams, EvalParams, GoldenParams, ModelParams, PredictorParams, PruneParams
 from .errors import ClipPruneError
 from .flops import analytic_gflops, match_setting
 from .methods import Method, build_method
 from .pipeline import MODELS, group_of, ranking_path, safe_name
 
 LABELS = ("full", "random", "cls_attention", "tome", "golden", "predictor", "predictor+tokens", "full+tokens")
+TRANSFERRED = ("predictor", "predictor+tokens")  # the rows predictor.transfer_from adds, as <row>@<source>
+
+
+def transfer_labels(data: DataParams, predictor: Optional[PredictorParams]) -> tuple[str, ...]:
+    """The rows predictor.transfer_from adds (none when it is null); one clear error for a source not evaluated."""
+    source = None if predictor is None else predictor.transfer_from
+    if source is None:
+        return ()
+    if source not in data.datasets:
+        raise ClipPruneError(f"params: 'predictor.transfer_from' is {source!r}, which is not in data.datasets; add it "
+                             f"there (its predictor and tokens are trained on it) or set transfer_from: null")
+    return tuple(f"{row}@{source.split('/')[-1]}" for row in TRANSFERRED)
+
+
+def eval_labels(eval_params: EvalParams, data: DataParams, predictor: Optional[PredictorParams]) -> tuple[str, ...]:
+    """Every row the evaluate stage writes: eval.methods, then the transferred rows."""
+    return tuple(eval_params.methods) + transfer_labels(data, predictor)
 
 
 def predictor_path(key: str) -> Path:
@@ -40,15 +64,24 @@ class Setup:
     layer: int
     tokens: Optional[Path] = None  # learned visual/text tokens to apply
     ranking: Optional[Path] = None  # golden oracle: elimination orders of the evaluated images
+    trained_on: Optional[str] = None  # transferred rows: the dataset the predictor and tokens were trained on
 
     def describe(self) -> dict:
         cfg = {k: v for k, v in dataclasses.asdict(self.method).items() if not k.startswith("_")}
-        return {"method": self.method.name, "keep": self.keep, "layer": self.layer, **cfg}
+        out = {"method": self.method.name, "keep": self.keep, "layer": self.layer, **cfg}
+        if self.trained_on is not None:
+            out["trained_on"] = self.trained_on
+        return out
 
 
 def setups_for(dataset: str, *, data: DataParams, golden: GoldenParams, prune: PruneParams, dims: V.ViTDims,
-               labels: tuple[str, ...] = LABELS, keep: Optional[float] = None) -> dict[str, Setup]:
-    """The rows for `dataset`, matched to the predictor's GFLOPs at `keep` (default prune.keep)."""
+               labels: tuple[str, ...] = LABELS, keep: Optional[float] = None,
+               transfer_from: Optional[str] = None) -> dict[str, Setup]:
+    """The rows for `dataset`, matched to the predictor's GFLOPs at `keep` (default prune.keep).
+
+    A label `predictor@<source>` / `predictor+tokens@<source>` (see transfer_labels) uses the predictor, and the
+    pruned-model tokens, trained on the dataset `transfer_from`, on `dataset`'s own test split and class names.
+    """
     keep = prune.keep if keep is None else keep
     layer = prune.layer
     key = group_of(data, golden, dataset)
@@ -74,6 +107,11 @@ def setups_for(dataset: str, *, data: DataParams, golden: GoldenParams, prune: P
             out[label] = Setup(label, predictor, keep, layer)
         elif label == "predictor+tokens":
             out[label] = Setup(label, predictor, keep, layer, tokens=tokens_path(dataset, pruned=True))
+        elif transfer_from is not None and label in {f"{r}@{transfer_from.split('/')[-1]}" for r in TRANSFERRED}:
+            # Same architecture and keep as this dataset's predictor: the same GFLOPs, so matched like the others.
+            source = build_method("predictor", path=str(predictor_path(group_of(data, golden, transfer_from))))
+            tokens = tokens_path(transfer_from, pruned=True) if label.startswith("predictor+tokens@") else None
+            out[label] = Setup(label, source, keep, layer, tokens=tokens, trained_on=transfer_from)
         else:
             raise ClipPruneError(f"unknown eval method {label!r}; choose from: {', '.join(LABELS)}")
     return out
@@ -88,25 +126,90 @@ def setup_gflops(setup: Setup, dims: V.ViTDims) -> float:
     return analytic_gflops(dims, setup.method, keep=setup.keep, layer=setup.layer)
 
 
-def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params: ModelParams, eval_params: EvalParams,
-                   limit: Optional[int] = None, device: str = "cpu") -> dict:
-    """acc1/acc5/mean-per-class recall of one row on the test split, through clip_benchmark's evaluate."""
+def digest(indices: Sequence[int]) -> str:
+    """A short name for a list of image indices (sweep rows record which images they were measured on)."""
+    return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def stratified_indices(labels: Sequence[int], n: int, *, seed: int) -> list[int]:
+    """`n` of the indices of `labels`, each class's share proportional to its size, sorted.
+
+    Quotas: floor(n * count / N) per class, the remaining ones to the largest remainders (ties: lower class).
+    Within a class, the first `quota` of a permutation from a generator seeded by (seed, class). Every index
+    when n >= N. Independent of the order of `labels` (CoOp test lists are sorted by class; a prefix is not).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    total = len(labels)
+    if n < 1:
+        raise ClipPruneError(f"a subset of {n} images: the number must be >= 1 (eval.sweep_images)")
+    if n >= total:
+        return list(range(total))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / total
+    quota = np.floor(exact).astype(np.int64)
+    for i in sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]), classes[i]))[: n - int(quota.sum())]:
+        quota[i] += 1
+    picked: list[int] = []
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        idx = np.flatnonzero(labels == c)
+        picked.extend(idx[np.random.default_rng([seed, c]).permutation(len(idx))[:q]].tolist())
+    return sorted(picked)
+
+
+def ranked_test_set(dataset: str, *, data: DataParams, transform=None):
+    """(loaded dataset, map-style test set) restricted to the first data.n_test images: those the golden stage
+    ranks, so a ranking's row i is this set's image i."""
     import torch
 
     from .data import load_dataset
+    from .pipeline import dataset_root
+
+    ds = load_dataset(dataset, root=dataset_root(data, dataset), split="test", transform=transform)
+    test = ds.indexable()
+    if data.n_test < len(test):
+        test = torch.utils.data.Subset(test, range(data.n_test))
+    return ds, test
+
+
+def sweep_indices(dataset: str, *, data: DataParams, n: int) -> list[int]:
+    """The sweep's images of `dataset`: n of the ranked test images, class-stratified, drawn with data.seed."""
+    from .data import dataset_labels
+
+    _, test = ranked_test_set(dataset, data=data)
+    return stratified_indices(dataset_labels(test), n, seed=data.seed)
+
+
+def eval_loader(setup: Setup, test, *, indices: Optional[Sequence[int]] = None, batch_size: int):
+    """A DataLoader over `test` (or its images `indices`, in that order). For a ranking row, the ranking's rows
+    are bound batch by batch, picked by the images' own (original) test indices."""
+    import torch
+
     from .golden import load_ranking
-    from .methods import bound_batches, prune
-    from .pipeline import dataset_root, load_clip
+    from .methods import bound_batches
+
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < len(test)]
+        if bad:
+            raise ClipPruneError(f"image index {bad[0]} is outside the {len(test)} ranked test images")
+        test = torch.utils.data.Subset(test, list(indices))
+    loader = torch.utils.data.DataLoader(test, batch_size=batch_size, shuffle=False)
+    if setup.ranking is None:
+        return loader
+    order = load_ranking(setup.ranking).patch_order
+    rows = order[torch.as_tensor(list(indices), dtype=torch.long)] if indices is not None else order[:len(test)]
+    return bound_batches(loader, setup.method, rows)
+
+
+def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params: ModelParams, eval_params: EvalParams,
+                   indices: Optional[Sequence[int]] = None, device: str = "cpu") -> dict:
+    """acc1/acc5/mean-per-class recall of one row on the test split (the first data.n_test images, or those of
+    them at `indices`), through clip_benchmark's evaluate."""
+    from .methods import prune
+    from .pipeline import load_clip
     from .zeroshot import classifier_weights, evaluate
 
     model, preprocess, tokenizer = load_clip(model_params, device=device)
-    ds = load_dataset(dataset, root=dataset_root(data, dataset), split="test", transform=preprocess)
-    # The first data.n_test test images (all of a generated world's); the golden stage ranks exactly these.
-    limit = data.n_test if limit is None else min(limit, data.n_test)
-    dataset_obj = ds.indexable()
-    if limit < len(dataset_obj):
-        dataset_obj = torch.utils.data.Subset(dataset_obj, range(limit))
-    loader = torch.utils.data.DataLoader(dataset_obj, batch_size=eval_params.batch_size, shuffle=False)
+    ds, test = ranked_test_set(dataset, data=data, transform=preprocess)
     if setup.tokens is not None:
         from .prompts import TunedTokens
 
@@ -118,7 +221,6 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
     else:
         prune(model, setup.method, keep=setup.keep, layer=setup.layer)
         classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates, device=device)
-    if setup.ranking is not None:
-        loader = bound_batches(loader, setup.method, load_ranking(setup.ranking).patch_order[:len(dataset_obj)])
+    loader = eval_loader(setup, test, indices=indices, batch_size=eval_params.batch_size)
     return evaluate(model, loader, tokenizer=tokenizer, classnames=ds.classnames, templates=ds.templates,
                     classifier=classifier, device=device)

@@ -375,22 +375,69 @@ def check_only_tokens_have_grads(model: nn.Module, tuned: TunedTokens) -> None:
 
 
 def lr_at(step: int, *, lr: float, total: int, warmup: int = 0, warmup_lr: float = 1e-5) -> float:
-    """CoOp's schedule: constant warmup_lr for `warmup` steps, then cosine from lr to 0 over the rest."""
+    """schedule "cosine": constant warmup_lr for `warmup` steps, then cosine from lr to 0 over the remaining steps,
+    updated every step."""
     if step < warmup:
         return warmup_lr
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def dassl_lr_at(step: int, *, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int = 0,
+                warmup_lr: float = 1e-5) -> float:
+    """schedule "dassl": what Dassl's build_lr_scheduler gives the IVLP/VPT/CoOp configs (LR_SCHEDULER cosine,
+    WARMUP_TYPE constant, WARMUP_RECOUNT true), stepped once per epoch as their trainers do (after an epoch's last
+    batch). Epoch e < warmup_epochs runs at warmup_lr; then the cosine restarts its count: epoch e at
+    lr * (1 + cos(pi * (e - warmup_epochs) / epochs)) / 2, T_max = MAX_EPOCH (so it never reaches 0)."""
+    epoch = step // steps_per_epoch
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return 0.5 * lr * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
+
+
+DASSL_RRCROP_SCALE = (0.08, 1.0)  # Dassl's INPUT.RRCROP_SCALE default; the IVLP/VPT configs keep it
+
+
+def _rgb(image):
+    return image.convert("RGB")  # Dassl's read_image; a module function, so DataLoader workers can pickle it
+
+
+def train_transform(augment: str, *, preprocess):
+    """The few-shot training images' transform. "none": the model's own `preprocess` (what evaluation uses).
+    "crop_flip": the IVLP/VPT configs' INPUT.TRANSFORMS [random_resized_crop, random_flip, normalize] as Dassl
+    builds them: RandomResizedCrop(size, scale (0.08, 1), bicubic), RandomHorizontalFlip, ToTensor, Normalize,
+    with the size and mean/std of `preprocess` (open_clip's Resize, CenterCrop, ..., Normalize).
+
+    A new transform: `preprocess` itself is never changed, so evaluation never sees the augmentation."""
+    if augment == "none":
+        return preprocess
+    if augment != "crop_flip":
+        raise ClipPruneError(f"tune: augment must be 'none' or 'crop_flip', got {augment!r}")
+    from torchvision import transforms as T
+
+    steps = list(getattr(preprocess, "transforms", []))
+    crop = next((t for t in steps if isinstance(t, T.CenterCrop)), None)
+    norm = next((t for t in steps if isinstance(t, T.Normalize)), None)
+    if crop is None or norm is None:
+        raise ClipPruneError("tune.augment crop_flip reads the image size and mean/std from the model's preprocess, "
+                             "which has no CenterCrop/Normalize (not open_clip's); use tune.augment none")
+    return T.Compose([_rgb, T.RandomResizedCrop(crop.size, scale=DASSL_RRCROP_SCALE,
+                                                interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean=norm.mean, std=norm.std)])
 
 
 def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, classnames: Sequence[str],
          method: M.Method, keep: float, layer: int, visual: Optional[dict], text: Optional[dict], shots: int,
          epochs: int, lr: float, batch_size: int, seed: int, log_dir: Optional[str | Path] = None,
          templates: Sequence[str] = DEFAULT_TEMPLATES, optimizer: str = "sgd", momentum: float = 0.9,
-         weight_decay: float = 0.0, warmup_epochs: int = 0, warmup_lr: float = 1e-5,
-         device: str | torch.device = "cpu") -> TunedTokens:
+         weight_decay: float = 0.0, warmup_epochs: int = 0, warmup_lr: float = 1e-5, schedule: str = "cosine",
+         fewshot: str = "per_class", device: str | torch.device = "cpu") -> TunedTokens:
     """Learn visual tokens and/or text context few-shot on the frozen CLIP pruned by `method` at (keep, layer).
 
     Loss: cross-entropy of logit_scale.exp() * normalised image features @ classifier (from the text context,
     else fixed from `templates`). Deterministic for a seed (it seeds torch's global RNG for the transforms).
+    The shots are drawn by data.few_shot_indices(mode=fewshot); the lr follows `schedule` ("cosine": lr_at, per
+    step; "dassl": dassl_lr_at, per epoch), after `warmup_epochs` at warmup_lr. Augmentation is the train_set's
+    transform (see train_transform).
     Moves `model` to `device`; leaves it unpatched, with its requires_grad flags and train/eval modes as they were.
     """
     from tqdm import tqdm
@@ -404,6 +451,8 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
                              "predictor")
     if isinstance(train_set, torch.utils.data.IterableDataset):
         raise ClipPruneError("tune: few-shot sampling needs a map-style dataset, not webdataset shards")
+    if schedule not in ("cosine", "dassl"):
+        raise ClipPruneError(f"tune: schedule must be 'cosine' or 'dassl', got {schedule!r}")
     if optimizer not in ("sgd", "adamw"):
         raise ClipPruneError(f"tune: optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
@@ -420,7 +469,7 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
     params = list(tuned.parameters())
     if not params:
         raise ClipPruneError("tune: nothing to learn: set visual.n > 0 or give text options")
-    idx = few_shot_indices(dataset_labels(train_set), shots=shots, seed=seed)
+    idx = few_shot_indices(dataset_labels(train_set), shots=shots, seed=seed, mode=fewshot)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, idx), batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == "sgd"
@@ -429,7 +478,13 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
     tuned.config.update({"classnames": list(classnames), "shots": shots, "epochs": epochs, "lr": lr,
                          "batch_size": batch_size, "seed": seed, "optimizer": optimizer, "momentum": momentum,
                          "weight_decay": weight_decay, "warmup_epochs": warmup_epochs, "warmup_lr": warmup_lr,
-                         "n_train": len(idx)})
+                         "schedule": schedule, "fewshot": fewshot, "n_train": len(idx)})
+
+    def lr_of(step: int) -> float:
+        if schedule == "dassl":
+            return dassl_lr_at(step, lr=lr, epochs=epochs, steps_per_epoch=len(loader), warmup_epochs=warmup_epochs,
+                               warmup_lr=warmup_lr)
+        return lr_at(step, lr=lr, total=total, warmup=warmup, warmup_lr=warmup_lr)
 
     live = None
     if log_dir is not None:
@@ -450,7 +505,7 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
                 losses = []
                 for images, labels in loader:
                     for g in opt.param_groups:
-                        g["lr"] = lr_at(step, lr=lr, total=total, warmup=warmup, warmup_lr=warmup_lr)
+                        g["lr"] = lr_of(step)
                     images, labels = images.to(dev), torch.as_tensor(labels).to(dev)
                     clf = fixed if ids is None else tuned.text.classifier(model, tokenizer, classnames, ids=ids)
                     logits = model.logit_scale.exp() * F.normalize(model.encode_image(images), dim=-1) @ clf

@@ -103,8 +103,8 @@ def figures(metrics: dict, vs_keep: list[dict], out_dir: Path) -> list[Path]:
                             ("gflops", "acc_vs_gflops.png", "GFLOPs (MACs, image tower, batch 1)")):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         sns.lineplot(df, x=x, y="acc1", hue="method", marker="o", ax=ax)
-        for m in ("full", "predictor+tokens", "full+tokens"):
-            if m in metrics["mean"] and x == "gflops":
+        for m in ("full", "predictor+tokens", "full+tokens", *(m for m in metrics["mean"] if "@" in m)):
+            if m in metrics["mean"] and x == "gflops":  # unswept rows (transferred ones: predictor@<source>) as stars
                 ax.scatter(metrics["mean"][m]["gflops"], metrics["mean"][m]["acc1"], marker="*", s=140, label=m, zorder=5)
         ax.set(xlabel=xlabel, ylabel="mean zero-shot top-1")
         ax.legend(fontsize=8)

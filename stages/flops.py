@@ -4,7 +4,7 @@ import click
 from clipprune import config
 from clipprune import vit as V
 from clipprune.cli import params_opt, run
-from clipprune.experiment import setup_gflops, setups_for
+from clipprune.experiment import eval_labels, setup_gflops, setups_for
 from clipprune.flops import CONVENTION, fvcore_gflops
 from clipprune.io import write_json_atomic
 from clipprune.methods import build_method, prune
@@ -30,13 +30,16 @@ def fvcore_of(setup, model) -> float:
 @params_opt
 def main(params_path: str) -> None:
     """Write reports/flops.json: per dataset and row, the setting, analytic and fvcore GFLOPs."""
-    data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    data, model_p, prune_p, golden, eval_p, pred_p = config.load("data", "model", "prune", "golden", "eval", "predictor",
+                                                                 path=params_path)
+    labels = eval_labels(eval_p, data, pred_p)
     model, _, _ = load_clip(model_p)
     dims = V.ViTDims.of(model.visual)
     table = {"convention": CONVENTION, "datasets": {}}
     for dataset in data.datasets:
         rows = {}
-        for label, s in setups_for(dataset, data=data, golden=golden, prune=prune_p, dims=dims, labels=tuple(eval_p.methods)).items():
+        for label, s in setups_for(dataset, data=data, golden=golden, prune=prune_p, dims=dims, labels=labels,
+                                   transfer_from=pred_p.transfer_from).items():
             rows[label] = {"setting": s.describe(), "gflops": round(setup_gflops(s, dims), 6),
                            "gflops_fvcore": round(fvcore_of(s, model), 6)}
         table["datasets"][dataset] = rows

@@ -5,10 +5,12 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from clipprune import config, report
 from clipprune.cli import params_opt, run
+from clipprune.experiment import eval_labels
 from clipprune.io import write_bytes_atomic, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report
 
-SECTIONS = ("data", "model", "prune", "golden", "eval")  # what dvc.yaml's report stage declares under params
+# What dvc.yaml's report stage declares under params, and all that summary.md shows.
+DECLARED = ("data", "model", "prune", "golden", "eval", "predictor.transfer_from")
 
 
 def overlays(data, model_p, prune_p, golden, eval_p) -> None:
@@ -45,8 +47,9 @@ def overlays(data, model_p, prune_p, golden, eval_p) -> None:
 @params_opt
 def main(params_path: str) -> None:
     """Write reports/metrics.json, reports/plots/*.csv, reports/figures/*.png and reports/summary.md."""
-    data, model_p, prune_p, golden, eval_p = config.load(*SECTIONS, path=params_path)
-    results = report.collect(REPORTS / "eval", data.datasets, eval_p.methods)
+    data, model_p, prune_p, golden, eval_p, pred_p = config.load("data", "model", "prune", "golden", "eval", "predictor",
+                                                                 path=params_path)
+    results = report.collect(REPORTS / "eval", data.datasets, list(eval_labels(eval_p, data, pred_p)))
     predictor = read_report("predictor.json", stage="predictor")
     metrics = report.build_metrics(results, predictor=predictor)
     write_json_atomic(REPORTS / "metrics.json", metrics)
@@ -58,7 +61,7 @@ def main(params_path: str) -> None:
     flops = read_report("flops.json", stage="flops")
     # Only the sections this stage declares in dvc.yaml: a section it does not depend on (check) could change
     # without the report rerunning, and summary.md would then show a stale value.
-    params = {k: v for k, v in config.load_params(params_path).items() if k in SECTIONS}
+    params = config.pick(config.load_params(params_path), DECLARED)
     write_bytes_atomic(REPORTS / "summary.md", report.summary_markdown(metrics, flops, params=params, predictor=predictor).encode())
     click.echo((REPORTS / "summary.md").read_text().split("## Predictor")[0])
 

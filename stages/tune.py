@@ -10,7 +10,7 @@ from clipprune.experiment import predictor_path, tokens_path
 from clipprune.io import write_json_atomic
 from clipprune.methods import build_method
 from clipprune.pipeline import REPORTS, dataset_root, group_of, load_clip, safe_name
-from clipprune.prompts import tune
+from clipprune.prompts import train_transform, tune
 
 
 @click.command()
@@ -23,14 +23,19 @@ def main(params_path: str) -> None:
     report = {}
     for dataset in data.datasets:
         model, preprocess, tokenizer = load_clip(model_p, device=device())
-        ds = load_dataset(dataset, root=dataset_root(data, dataset), split="train", transform=preprocess)
+        # tune.augment applies to these training images only; evaluation loads its own with `preprocess`.
+        ds = load_dataset(dataset, root=dataset_root(data, dataset), split="train",
+                          transform=train_transform(tune_p.augment, preprocess=preprocess))
         train_set = ds.indexable()  # a stream (wds/) is decoded here, once for both tunings
         predictor = build_method("predictor", path=str(predictor_path(group_of(data, golden, dataset))))
         for pruned, method, keep in ((True, predictor, prune_p.keep), (False, build_method("full"), 1.0)):
             tuned = tune(model=model, tokenizer=tokenizer, train_set=train_set, classnames=ds.classnames,
                          templates=ds.templates, method=method, keep=keep, layer=prune_p.layer, visual=visual, text=text,
                          shots=tune_p.shots, epochs=tune_p.epochs, lr=tune_p.lr, batch_size=tune_p.batch_size,
-                         seed=tune_p.seed, device=device(), log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
+                         seed=tune_p.seed, weight_decay=tune_p.weight_decay, warmup_epochs=tune_p.warmup_epochs,
+                         warmup_lr=tune_p.warmup_lr, schedule=tune_p.schedule, fewshot=tune_p.fewshot, device=device(),
+                         log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
+            tuned.config["augment"] = tune_p.augment
             tuned.save(tokens_path(dataset, pruned=pruned))
             report[f"{dataset}/{'pruned' if pruned else 'full'}"] = {
                 "first_epoch_loss": round(tuned.history[0], 6), "last_epoch_loss": round(tuned.history[-1], 6)}

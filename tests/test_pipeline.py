@@ -12,6 +12,9 @@ from clipprune import config, report
 from clipprune import methods as M
 from clipprune import vit as V
 from clipprune.errors import ClipPruneError
+from clipprune.data import dataset_labels, load_dataset
+from clipprune.experiment import Setup, digest, eval_loader, stratified_indices
+from clipprune.golden import FORMAT as RANKING_FORMAT
 from clipprune.pipeline import ranking_groups
 from conftest import run_every_stage, tiny_clip
 
@@ -136,10 +139,12 @@ def test_synth_tasks_share_one_ranking_when_label_free_or_joint():
 
 def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     """params.yaml on a tiny world: the five tasks share one golden ranking, scored over all of them, and one
-    predictor; every stage runs and every task is evaluated by every method."""
+    predictor; every stage runs and every task is evaluated by every method, and (predictor.transfer_from) with
+    another task's predictor and tokens; the sweep reads the same stratified images for every point."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["golden"]["joint"] and params["golden"]["score"] == "fidelity"
     params["data"].update(datasets=["synth/shape", "synth/size"], n_train=64, n_test=6)  # two tasks: joint, and fast
+    params["predictor"]["transfer_from"] = "synth/shape"
     run_every_stage(params, tmp_path, n_ranked=4)
     assert sorted(p.name for p in (tmp_path / "rankings").glob("*.pt")) == ["synth-test.pt", "synth-train.pt"]
     test_ranking = torch.load(tmp_path / "rankings" / "synth-test.pt")
@@ -147,12 +152,33 @@ def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     assert [p.name for p in (tmp_path / "models" / "predictors").iterdir()] == ["synth.pt"]
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert set(metrics["datasets"]) == set(params["data"]["datasets"])
-    assert all(set(m) == set(params["eval"]["methods"]) for m in metrics["datasets"].values())
+    transferred = ["predictor@shape", "predictor+tokens@shape"]
+    assert all(set(m) == set(params["eval"]["methods"] + transferred) for m in metrics["datasets"].values())
+
+    # predictor.transfer_from: each dataset evaluated with shape's predictor and tokens, on its own test split.
+    # The tasks share one predictor here (joint), so predictor@shape is each task's own predictor row, number for
+    # number, and on shape itself predictor+tokens@shape is its own predictor+tokens row.
+    def record(dataset, row):
+        return json.loads((tmp_path / "reports" / "eval" / dataset.replace("/", "-") / f"{row}.json").read_text())
+
+    for d in params["data"]["datasets"]:
+        r = record(d, "predictor+tokens@shape")
+        assert r["dataset"] == d and r["setting"]["trained_on"] == "synth/shape"
+        assert record(d, "predictor@shape")["metrics"] == record(d, "predictor")["metrics"]
+    assert record("synth/shape", "predictor+tokens@shape")["metrics"] == record("synth/shape", "predictor+tokens")["metrics"]
+
+    # The sweep: one class-stratified sample per task (data.seed), the same for every method and keep.
+    sweep = json.loads((tmp_path / "reports" / "sweep.json").read_text())
+    for d in params["data"]["datasets"]:
+        labels = dataset_labels(load_dataset(d, root=tmp_path / params["data"]["root"], split="test").dataset)
+        want = digest(stratified_indices(labels[:params["data"]["n_test"]], params["eval"]["sweep_images"],
+                                         seed=params["data"]["seed"]))
+        assert {r["images"] for r in sweep["rows"] if r["dataset"] == d} == {want}
     # summary.md shows exactly the params its stage declares: an undeclared section could change without the
     # report rerunning, and the file would then show a stale value.
     shown = json.loads((tmp_path / "reports" / "summary.md").read_text().split("```yaml")[1].split("```")[0])
     report_stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["report"]
-    assert set(shown) == {p.split(".")[0] for p in report_stage["params"]}
+    assert shown == config.pick(params, report_stage["params"]) and "check" not in shown
 
 
 @pytest.mark.parametrize("profile", ["params.yaml", "profiles/cifar10.yaml", "profiles/paper.yaml"])
@@ -171,3 +197,67 @@ def test_every_profile_defines_the_params_dvc_yaml_declares(profile):
                 break
             node = node[part]
     assert declared and not missing, f"{profile} lacks {missing}"
+
+
+COOP_SPLITS = ROOT.parent / "shared" / "data" / "coop_splits"
+
+
+def test_stratified_indices_cover_every_class_in_proportion():
+    """The sweep's sample: each class's share of n in proportion to its size (largest remainders, ties to the
+    lower class), whatever the order of the list; seeded; every image when n covers the split."""
+    def counts(labels, idx):
+        return {c: sum(labels[i] == c for i in idx) for c in sorted(set(labels))}
+
+    sorted_labels = [0] * 50 + [1] * 30 + [2] * 20  # sorted by class, as CoOp's test lists are
+    idx = stratified_indices(sorted_labels, 10, seed=0)
+    assert counts(sorted_labels, idx) == {0: 5, 1: 3, 2: 2} and idx == sorted(set(idx))
+    assert idx == stratified_indices(sorted_labels, 10, seed=0) != stratified_indices(sorted_labels, 10, seed=1)
+    uneven = [0] * 7 + [1] * 7 + [2] * 6  # quotas 3.5, 3.5, 3.0: the spare one goes to class 0
+    assert counts(uneven, stratified_indices(uneven, 10, seed=0)) == {0: 4, 1: 3, 2: 3}
+    shuffled = [sorted_labels[i] for i in torch.randperm(100, generator=torch.Generator().manual_seed(0)).tolist()]
+    assert counts(shuffled, stratified_indices(shuffled, 10, seed=0)) == {0: 5, 1: 3, 2: 2}
+    assert stratified_indices(uneven, 20, seed=0) == stratified_indices(uneven, 99, seed=3) == list(range(20))
+
+
+@pytest.mark.skipif(not COOP_SPLITS.is_dir(), reason="CoOp split files not present (../shared/data/coop_splits)")
+def test_sweep_sample_of_a_real_coop_test_list_covers_every_class():
+    labels = [y for _, y, _ in json.loads((COOP_SPLITS / "split_zhou_Caltech101.json").read_text())["test"]]
+    n, total = 1000, len(labels)
+    assert len(set(labels[:n])) == 22  # what "the first sweep_images" covered
+    idx = stratified_indices(labels, n, seed=1)
+    assert len(idx) == n
+    for c in set(labels):
+        size = labels.count(c)
+        assert sum(labels[i] == c for i in idx) in {n * size // total, -(-n * size // total)}, c
+
+
+class Numbered(torch.utils.data.Dataset):
+    """Image i is filled with the value i, so a batch says which test images it holds."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), float(i)), i % 3
+
+
+def test_golden_rows_follow_the_images_original_test_index(tmp_path):
+    """The oracle on a subset: each image is pruned by the ranking row of its own (original) test index."""
+    n, patches = 12, 16
+    order = torch.stack([torch.arange(patches).roll(i) for i in range(n)])  # row i is told apart by i
+    torch.save({"meta": {"format": RANKING_FORMAT}, "patch_order": order.to(torch.int16), "unit_order": order,
+                "unit_scores": torch.zeros(n, patches), "labels": torch.zeros(n, dtype=torch.long)}, tmp_path / "r.pt")
+    setup = Setup("golden", M.build_method("ranking"), 0.5, 1, ranking=tmp_path / "r.pt")
+    labels = [i % 3 for i in range(n)]
+    for indices in (stratified_indices(labels, 7, seed=0), None):
+        seen = []
+        for x, _ in eval_loader(setup, Numbered(n), indices=indices, batch_size=3):
+            ids = x[:, 0, 0, 0].long()
+            assert torch.equal(setup.method._rows, order[ids])  # bound just before the batch is used
+            seen += ids.tolist()
+        assert seen == (indices if indices is not None else list(range(n)))
+    with pytest.raises(ClipPruneError, match="outside the 12 ranked test images"):
+        eval_loader(setup, Numbered(n), indices=[3, 12], batch_size=3)

@@ -1,5 +1,6 @@
 """Phase II predictor: its cost, its losses, its fidelity metrics, training, saving, and the `predictor` method."""
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,36 @@ def test_bad_paths_and_shapes_are_one_clear_error(tiny, tmp_path):
         P.train_predictor(model=tiny, dataset=ds[:7], ranking=rk, layer=2, keep=0.5, epochs=1, progress=False)
     with pytest.raises(ClipPruneError, match="searched at layer 2, not 1"):
         P.train_predictor(model=tiny, dataset=ds, ranking=rk, layer=1, keep=0.5, epochs=1, progress=False)
+
+
+def test_transferred_rows_use_the_source_predictor_and_tokens(tiny, tmp_path, monkeypatch):
+    """predictor.transfer_from: every dataset also gets predictor@<source> and predictor+tokens@<source>, built on the
+    source's predictor file and pruned-model tokens, at the same GFLOPs as its own predictor row; off when null."""
+    from clipprune.config import DataParams, EvalParams, GoldenParams, PredictorParams, PruneParams
+    from clipprune.experiment import eval_labels, setup_gflops, setups_for
+
+    monkeypatch.chdir(tmp_path)  # the pipeline's models/ is relative to the repository root
+    data = DataParams(datasets=["synth/shape", "synth/colour"])
+    golden = GoldenParams(score="label")  # one ranking, and one predictor, per task
+    for key, seed in (("synth-shape", 0), ("synth-colour", 1)):
+        torch.manual_seed(seed)
+        pred = P.RankPredictor(seq_len=17, width=64, d=16)
+        P.save_predictor(Path("models/predictors") / f"{key}.pt", pred, {"layer": 2, "keep": 0.5})
+    eval_p = EvalParams(methods=["full", "predictor", "predictor+tokens"])
+    assert eval_labels(eval_p, data, PredictorParams()) == ("full", "predictor", "predictor+tokens")
+    labels = eval_labels(eval_p, data, PredictorParams(transfer_from="synth/shape"))
+    assert labels[3:] == ("predictor@shape", "predictor+tokens@shape")
+    dims = V.ViTDims.of(tiny.visual)
+    rows = setups_for("synth/colour", data=data, golden=golden, prune=PruneParams(keep=0.5, layer=2), dims=dims,
+                      labels=labels, transfer_from="synth/shape")
+    assert rows["predictor"].method.path == str(Path("models/predictors/synth-colour.pt"))
+    assert rows["predictor@shape"].method.path == str(Path("models/predictors/synth-shape.pt"))
+    assert rows["predictor@shape"].tokens is None
+    assert rows["predictor+tokens@shape"].method.path == str(Path("models/predictors/synth-shape.pt"))
+    assert rows["predictor+tokens@shape"].tokens == Path("models/tokens/synth-shape-pruned.pt")
+    assert rows["predictor+tokens"].tokens == Path("models/tokens/synth-colour-pruned.pt")
+    assert rows["predictor@shape"].describe()["trained_on"] == "synth/shape"
+    assert "trained_on" not in rows["predictor"].describe()  # the default rows' settings are as before
+    assert setup_gflops(rows["predictor@shape"], dims) == setup_gflops(rows["predictor"], dims)
+    with pytest.raises(ClipPruneError, match="'predictor.transfer_from' is 'coop/ImageNet', which is not in data.datasets"):
+        eval_labels(eval_p, data, PredictorParams(transfer_from="coop/ImageNet"))

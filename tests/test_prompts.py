@@ -1,5 +1,13 @@
 """Phase III learnable tokens: no-op at zero, CoOp equals the hand template, tokens survive pruning, only the
-tokens learn, tuning lowers the loss, save/load round trip, FLOPs count the tokens."""
+tokens learn, tuning lowers the loss, save/load round trip, FLOPs count the tokens; the IVLP/VPT recipe against
+Dassl's own code (few-shot draw on real CoOp splits, warm-up + cosine schedule, crop + flip augmentation)."""
+import json
+import os
+import random
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
@@ -294,3 +302,193 @@ def test_bad_inputs_are_one_clear_error(model, tok):
     M.prune(model, M.build_method("random"), keep=KEEP, layer=LAYER)
     with pytest.raises(ClipPruneError, match="layer=2"):
         P.attach(model, tokens)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The IVLP/VPT recipe (tune.augment, tune.warmup_*, tune.schedule, tune.fewshot), against Dassl's own code.
+
+COOP_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coop_splits"
+SPLIT_FILES = {"Caltech101": "split_zhou_Caltech101.json", "OxfordPets": "split_zhou_OxfordPets.json",
+               "DTD": "split_zhou_DescribableTextures.json"}
+
+
+class DasslDatum:
+    """The fields of dassl.data.datasets.Datum that generate_fewshot_dataset reads."""
+
+    def __init__(self, impath, label, classname):
+        self.impath, self.label, self.classname = impath, label, classname
+
+
+def dassl_generate_fewshot_dataset(data_source, num_shots):
+    """Dassl.pytorch dassl/data/datasets/base_dataset.py, DatasetBase.generate_fewshot_dataset with one data
+    source and repeat=True, and split_dataset_by_label, as written there (global `random`)."""
+    tracker = defaultdict(list)
+    for item in data_source:
+        tracker[item.label].append(item)
+    dataset = []
+    for label, items in tracker.items():
+        if len(items) >= num_shots:
+            sampled_items = random.sample(items, num_shots)
+        else:
+            sampled_items = random.choices(items, k=num_shots)
+        dataset.extend(sampled_items)
+    return dataset
+
+
+def coop_train_root(root, name, *, shuffle: bool = False):
+    """A CoOp DATA root holding `name`'s real split file (its train list shuffled, if asked: the real lists are
+    sorted by class, which would hide a draw that visits classes in sorted instead of first-appearance order) and
+    an empty file at every train image path. Returns the image dir and the train entries as written."""
+    from clipprune.coop import spec_of
+
+    spec = spec_of(name)
+    ddir = root / spec.folder
+    ddir.mkdir(parents=True)
+    table = json.loads((COOP_SPLITS / SPLIT_FILES[name]).read_text())
+    if shuffle:
+        random.Random(0).shuffle(table["train"])
+    (ddir / spec.split_file).write_text(json.dumps(table))
+    for rel, _, _ in table["train"]:
+        p = ddir / spec.image_dir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.touch()
+    return ddir / spec.image_dir, table["train"]
+
+
+@pytest.mark.skipif(not COOP_SPLITS.is_dir(), reason="CoOp split files not present (../shared/data/coop_splits)")
+@pytest.mark.parametrize("name", list(SPLIT_FILES))
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dassl_fewshot_picks_dasslss_images_on_real_coop_splits(tmp_path, name, shuffle):
+    """tune.fewshot dassl on the train list as our CoOp loader reads it == Dassl's draw after CoOp's
+    set_random_seed(seed), image for image and in order, for CoOp's seeds; shots above a class's size repeat."""
+    from clipprune.data import dataset_labels, few_shot_indices, load_dataset
+
+    image_dir, entries = coop_train_root(tmp_path, name, shuffle=shuffle)
+    ds = load_dataset(f"coop/{name}", root=tmp_path, split="train").dataset
+    labels = dataset_labels(ds)
+    state = random.getstate()
+    try:
+        for seed, shots in ((1, 16), (2, 16), (3, 16), (1, 1), (2, 80)):  # 80: above some classes' size (choices)
+            random.seed(seed)  # dassl.utils.set_random_seed; nothing else draws before build_dataset in CoOp
+            want = [os.path.join(image_dir, d.impath) for d in dassl_generate_fewshot_dataset(
+                [DasslDatum(p, int(y), c) for p, y, c in entries], shots)]
+            got = [ds.samples[i][0] for i in few_shot_indices(labels, shots=shots, seed=seed, mode="dassl")]
+            assert got == want, (seed, shots)
+    finally:
+        random.setstate(state)
+    assert few_shot_indices(labels, shots=16, seed=1, mode="dassl") != few_shot_indices(labels, shots=16, seed=1)
+
+
+def dassl_warmup_cosine(optimizer, *, max_epoch, warmup_epoch, cons_lr):
+    """Dassl.pytorch dassl/optim/lr_scheduler.py: build_lr_scheduler for LR_SCHEDULER cosine, WARMUP_TYPE constant,
+    WARMUP_RECOUNT true (its default), with its ConstantWarmupScheduler; `verbose` dropped (newer torch lacks it)."""
+    from torch.optim.lr_scheduler import _LRScheduler
+
+    class _BaseWarmupScheduler(_LRScheduler):
+        def __init__(self, optimizer, successor, warmup_epoch, last_epoch=-1):
+            self.successor = successor
+            self.warmup_epoch = warmup_epoch
+            super().__init__(optimizer, last_epoch)
+
+        def step(self, epoch=None):
+            if self.last_epoch >= self.warmup_epoch:
+                self.successor.step(epoch)
+                self._last_lr = self.successor.get_last_lr()
+            else:
+                super().step(epoch)
+
+    class ConstantWarmupScheduler(_BaseWarmupScheduler):
+        def __init__(self, optimizer, successor, warmup_epoch, cons_lr, last_epoch=-1):
+            self.cons_lr = cons_lr
+            super().__init__(optimizer, successor, warmup_epoch, last_epoch)
+
+        def get_lr(self):
+            if self.last_epoch >= self.warmup_epoch:
+                return self.successor.get_last_lr()
+            return [self.cons_lr for _ in self.base_lrs]
+
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(max_epoch))
+    if warmup_epoch > 0:
+        scheduler = ConstantWarmupScheduler(optimizer, scheduler, warmup_epoch, cons_lr)
+    return scheduler
+
+
+def dassl_lrs(*, lr, epochs, steps_per_epoch, warmup_epochs, warmup_lr) -> list[float]:
+    """The lr of every step under Dassl, stepped after each epoch's last batch as the CoOp/MaPLe trainers do."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = dassl_warmup_cosine(opt, max_epoch=epochs, warmup_epoch=warmup_epochs, cons_lr=warmup_lr)
+    lrs = []
+    for _ in range(epochs):
+        lrs += [opt.param_groups[0]["lr"]] * steps_per_epoch
+        sched.step()
+    return lrs
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimizer steps here
+@pytest.mark.parametrize("epochs,warmup,per_epoch", [(5, 1, 3), (4, 0, 2), (3, 2, 1), (1, 1, 4), (50, 1, 7)])
+def test_dassl_schedule_matches_dassls_scheduler(epochs, warmup, per_epoch):
+    want = dassl_lrs(lr=0.0035, epochs=epochs, steps_per_epoch=per_epoch, warmup_epochs=warmup, warmup_lr=1e-5)
+    got = [P.dassl_lr_at(s, lr=0.0035, epochs=epochs, steps_per_epoch=per_epoch, warmup_epochs=warmup, warmup_lr=1e-5)
+           for s in range(epochs * per_epoch)]
+    # torch's cosine is recursive (each epoch's lr from the last); ours is closed-form: measured at most 1e-15
+    # apart (relative) up to 200 epochs.
+    assert got == pytest.approx(want, rel=1e-14, abs=0)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_tune_follows_the_dassl_schedule_step_by_step(model, tok, tmp_path):
+    """What tune() itself sets, read back from its dvclive log: Dassl's lr at every step."""
+    ds = Blobs(12)
+    P.tune(model=model, tokenizer=tok, train_set=ds, classnames=NAMES, method=M.build_method("random"), keep=KEEP,
+           layer=LAYER, visual={"n": 2}, text=None, shots=4, epochs=3, lr=0.0035, batch_size=3, seed=0,
+           warmup_epochs=1, warmup_lr=1e-5, schedule="dassl", weight_decay=5e-4, log_dir=tmp_path / "live")
+    rows = (tmp_path / "live" / "plots" / "metrics" / "tune" / "lr.tsv").read_text().splitlines()[1:]
+    logged = [float(r.split("\t")[-1]) for r in rows]
+    # 8 shots / batch 3 = 3 steps per epoch
+    assert logged == pytest.approx(dassl_lrs(lr=0.0035, epochs=3, steps_per_epoch=3, warmup_epochs=1, warmup_lr=1e-5),
+                                   rel=1e-14, abs=0)
+
+
+def test_crop_flip_is_dasslss_train_transform_and_never_touches_evaluation():
+    """crop_flip == Dassl's _build_transform_train for INPUT.TRANSFORMS [random_resized_crop, random_flip,
+    normalize] (RRCROP_SCALE (0.08, 1), bicubic, CLIP mean/std), draw for draw; the model's preprocess, which
+    evaluation uses, is left as it was; "none" is that preprocess itself."""
+    from PIL import Image
+    from torchvision.transforms import (Compose, InterpolationMode, Normalize, RandomHorizontalFlip,
+                                        RandomResizedCrop, ToTensor)
+
+    preprocess = open_clip.image_transform(32, is_train=False)
+    image = Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    before = preprocess(image)
+    steps_before = list(preprocess.transforms)
+    assert P.train_transform("none", preprocess=preprocess) is preprocess
+    train = P.train_transform("crop_flip", preprocess=preprocess)
+    dassl = Compose([RandomResizedCrop((32, 32), scale=(0.08, 1.0), interpolation=InterpolationMode.BICUBIC),
+                     RandomHorizontalFlip(), ToTensor(),
+                     Normalize(mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)])
+    outs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a = train(image)
+        torch.manual_seed(seed)
+        assert torch.equal(a, dassl(image))
+        outs.append(a)
+    assert a.shape == before.shape and not any(torch.equal(outs[0], o) for o in outs[1:])  # it does augment
+    assert list(preprocess.transforms) == steps_before
+    for seed in range(3):  # evaluation's transform: unchanged and deterministic whatever the RNG
+        torch.manual_seed(seed)
+        assert torch.equal(preprocess(image), before)
+    with pytest.raises(ClipPruneError, match="augment must be"):
+        P.train_transform("flip", preprocess=preprocess)
+
+
+def test_recipe_params_are_validated_before_any_work(tmp_path):
+    from clipprune import config
+
+    for key, value, msg in (("augment", "crop", "'tune.augment' must be one of none, crop_flip"),
+                            ("schedule", "step", "'tune.schedule' must be one of cosine, dassl"),
+                            ("fewshot", "random", "'tune.fewshot' must be one of per_class, dassl"),
+                            ("warmup_epochs", -1, "'tune.warmup_epochs' must be >= 0")):
+        with pytest.raises(ClipPruneError, match=msg):
+            config.section({"tune": {key: value}}, "tune")
