@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 from . import vit as V
-from .config import DataParams, EvalParams, GoldenParams, ModelParams, PruneParams
+from .config import EVAL_ROWS, DataParams, EvalParams, GoldenParams, ModelParams, PruneParams
 from .errors import ClipPruneError
 from .flops import analytic_gflops, match_setting
 from .methods import Method, build_method
 from .pipeline import MODELS, group_of, ranking_path, safe_name
 
-LABELS = ("full", "random", "cls_attention", "tome", "golden", "predictor", "predictor+tokens", "full+tokens")
+LABELS = EVAL_ROWS  # the rows params may name (config checks eval.methods against them)
 
 
 def predictor_path(key: str) -> Path:
@@ -66,7 +66,7 @@ def setups_for(dataset: str, *, data: DataParams, golden: GoldenParams, prune: P
             s = match_setting(dims, build_method(label), target_gflops=target, layer=layer)
             out[label] = Setup(label, build_method(label), s["keep"], layer)
         elif label == "tome":
-            s = match_setting(dims, build_method("tome"), target_gflops=target, layer=layer)
+            s = match_setting(dims, build_method("tome", r=0.0), target_gflops=target, layer=layer)
             out[label] = Setup(label, build_method("tome", r=s["r"]), 1.0, layer)
         elif label == "golden":
             out[label] = Setup(label, build_method("ranking"), keep, layer, ranking=ranking_path(key, "test"))
@@ -119,6 +119,6 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
         prune(model, setup.method, keep=setup.keep, layer=setup.layer)
         classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates, device=device)
     if setup.ranking is not None:
-        loader = bound_batches(loader, setup.method, load_ranking(setup.ranking).patch_order[:len(dataset_obj)])
+        loader = bound_batches(loader, setup.method, load_ranking(setup.ranking, n_patches=V.num_patches(model.visual)).patch_order[:len(dataset_obj)])
     return evaluate(model, loader, tokenizer=tokenizer, classnames=ds.classnames, templates=ds.templates,
                     classifier=classifier, device=device)
