@@ -4,6 +4,7 @@ import click
 from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.data import materialise
+from clipprune.io import check_writable
 from clipprune.pipeline import dataset_root
 
 
@@ -12,6 +13,7 @@ from clipprune.pipeline import dataset_root
 def main(params_path: str) -> None:
     """Materialise every dataset in data.datasets; the synthetic tasks share one generated world."""
     (data,) = config.load("data", path=params_path)
+    check_writable(*{dataset_root(data, name) for name in data.datasets})
     done = set()
     for name in data.datasets:
         root = dataset_root(data, name)

@@ -6,7 +6,7 @@ from clipprune import vit as V
 from clipprune.cli import params_opt, run
 from clipprune.experiment import setup_gflops, setups_for
 from clipprune.flops import CONVENTION, fvcore_gflops
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.methods import build_method, prune
 from clipprune.pipeline import REPORTS, load_clip
 
@@ -31,6 +31,7 @@ def fvcore_of(setup, model) -> float:
 def main(params_path: str) -> None:
     """Write reports/flops.json: per dataset and row, the setting, analytic and fvcore GFLOPs."""
     data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    check_writable(REPORTS)
     model, _, _ = load_clip(model_p)
     dims = V.ViTDims.of(model.visual)
     table = {"convention": CONVENTION, "datasets": {}}

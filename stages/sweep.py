@@ -7,7 +7,7 @@ from clipprune import vit as V
 from clipprune.cli import params_opt, run
 from clipprune.dist import device, gather, init_from_env, my_share, shutdown
 from clipprune.experiment import evaluate_setup, setup_gflops, setups_for
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import REPORTS, load_clip
 
 
@@ -16,6 +16,7 @@ from clipprune.pipeline import REPORTS, load_clip
 def main(params_path: str) -> None:
     """Write reports/sweep.json: one row per dataset x method x keep (acc1, GFLOPs), on eval.sweep_images images."""
     data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    check_writable(REPORTS)
     dims = V.ViTDims.of(load_clip(model_p)[0].visual)
     jobs = [(d, k, label, s) for d in data.datasets for k in eval_p.sweep_keeps
             for label, s in setups_for(d, data=data, golden=golden, prune=prune_p, dims=dims,
