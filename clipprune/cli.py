@@ -210,11 +210,11 @@ def bench(arch, image_size, method, opts, keep, layer, batch, repeats, as_json):
           **throughput(vit, m, keep=keep, layer=layer, batch=batch, repeats=repeats)}, as_json)
 
 
-def run(command: click.Command) -> None:
-    """Run a click command: user errors become one line on stderr ("error: ...") and exit status 2, never a
-    traceback."""
+def run(command: click.Command, args: list[str] | None = None) -> None:
+    """Run a click command on `args` (default: sys.argv): user errors become one line on stderr ("error: ...") and
+    exit status 2, never a traceback."""
     try:
-        command(standalone_mode=False)
+        command(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
