@@ -29,8 +29,7 @@ def throughput(model: Any, method: Method, *, keep: float, layer: int, batch: in
     """images/s of full and pruned, measured speedup, FLOPs-bound speedup and their ratio."""
     vit = V.check_vit(model).eval()
     report = flop_report(vit, method, keep=keep, layer=layer)
-    size = vit.image_size[0]
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(vit.conv1.weight)
+    x = torch.randn(batch, 3, *vit.image_size, generator=torch.Generator().manual_seed(seed)).to(vit.conv1.weight)
     spec = method.spec(vit, keep=keep, layer=layer)
     times = {"full": [], "pruned": []}
     with torch.inference_mode():

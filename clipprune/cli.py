@@ -19,33 +19,84 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no download can succeed here; fa
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """`-o key=value` pairs as a config dict; values are read as YAML scalars (1, 0.5, true, name)."""
+    """`-o key=value` pairs as a config dict; values are read as YAML scalars (1, 0.5, true, name). Their types
+    are checked where the method is built (methods.build_method), as for any library caller."""
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ClipPruneError(f"method option {pair!r} is not key=value")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+            raise ClipPruneError(f"method option {pair!r} is not key=value (e.g. -o r=9.6)")
+        key, value = (t.strip() for t in pair.split("=", 1))
+        if key in out:
+            raise ClipPruneError(f"method option {key} is given twice (-o {key}=...); give it once")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value  # not YAML (a path with odd characters): the text itself
     return out
 
 
-def load_visual(arch: str, image_size: int | None):
-    """A random-init visual tower of `arch` (FLOPs and speed do not depend on the weights)."""
+def build_cli_method(name: str, opts: tuple[str, ...]):
+    """The method `--method name -o ...` asks for, refusing those the command line cannot run."""
+    from .methods import METHODS, build_method, cli_methods
+
+    if name in METHODS and not METHODS[name].runs_alone:
+        raise ClipPruneError(f"method {name!r} needs per-image rankings bound at run time, which the command line cannot "
+                             f"supply (its FLOPs are random's at the same keep); --method is one of: {', '.join(cli_methods())}")
+    return build_method(name, **parse_options(opts))
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """`--image-size 224` (square) or `224x320` (height x width) as (height, width)."""
+    if text is None:
+        return None
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+        return h, w
+    raise ClipPruneError(f"--image-size {text!r} is not a size: give pixels, e.g. --image-size 224 or 224x320")
+
+
+def load_visual(arch: str, image_size: tuple[int, int] | None):
+    """A random-init visual tower of `arch` (FLOPs and speed do not depend on the weights), at `image_size`
+    ((height, width), a positive multiple of the patch size) when given; refused unless prune supports it."""
     import open_clip
 
     from . import model as _registers_our_configs  # noqa: F401
+    from . import vit as V
 
-    kwargs = {"force_image_size": image_size} if image_size else {}
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ClipPruneError(f"unknown model {arch!r}; list the names with: python -c 'import open_clip; print(open_clip.list_models())'")
+    if image_size is not None:
+        patch = cfg.get("vision_cfg", {}).get("patch_size")
+        if not isinstance(patch, int):
+            raise ClipPruneError(f"--image-size: {arch} has no patch size (token pruning needs an open_clip VisionTransformer)")
+        if not all(s > 0 and s % patch == 0 for s in image_size):
+            size = lambda hw: str(hw[0]) if hw[0] == hw[1] else f"{hw[0]}x{hw[1]}"  # noqa: E731
+            fix = size([max(patch, round(s / patch) * patch) for s in image_size])
+            raise ClipPruneError(f"--image-size {size(image_size)} must be a positive multiple of {arch}'s patch size "
+                                 f"{patch} (e.g. --image-size {fix})")
+    kwargs = {"force_image_size": image_size} if image_size is not None else {}
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # random init is intended: hush open_clip's warning
     try:
-        return open_clip.create_model(arch, pretrained=None, **kwargs).visual.eval()
-    except RuntimeError as e:
-        if "not found" in str(e):
-            raise ClipPruneError(f"unknown model {arch!r}; list the names with: python -c 'import open_clip; print(open_clip.list_models())'") from None
-        raise
+        return V.check_vit(open_clip.create_model(arch, pretrained=None, **kwargs).visual.eval())
     finally:
         root.level = level
+
+
+def setting_of(arch, image_size, method, opts, keep, layer):
+    """(visual tower, method) for a command, checked as `prune` checks them, before any counting or timing."""
+    m = build_cli_method(method, opts)  # options first: a typo costs no model build
+    vit = load_visual(arch, parse_image_size(image_size))
+    m.check(vit, keep=keep, layer=layer)
+    return vit, m
+
+
+def described(arch: str, vit, m, *, keep: float, layer: int) -> dict:
+    h, w = vit.image_size
+    return {"model": arch, "image_size": h if h == w else [h, w], "method": m.name, "keep": keep, "layer": layer,
+            **{k: getattr(m, k) for k in m.options()}}
 
 
 def emit(result: dict, as_json: bool) -> None:
@@ -56,9 +107,20 @@ def emit(result: dict, as_json: bool) -> None:
             click.echo(f"{k:>24}: {v}")
 
 
+class MethodOption(click.Option):
+    """--method, whose help lists what the registry can run from the command line (read when help is shown)."""
+
+    def get_help_record(self, ctx):
+        from .methods import cli_methods
+
+        self.help = f"Method: {', '.join(cli_methods())} (options with -o)."
+        return super().get_help_record(ctx)
+
+
 model_opt = click.option("--model", "arch", default="ViT-B-16", show_default=True, help="open_clip architecture name.")
-size_opt = click.option("--image-size", type=int, default=None, help="Override the input resolution (changes the grid).")
-method_opt = click.option("--method", default="random", show_default=True, help="Method name: full, random, cls_attention, tome, ranking.")
+size_opt = click.option("--image-size", default=None,
+                        help="Input resolution, a multiple of the patch size: 224, or 224x320 (height x width).")
+method_opt = click.option("--method", cls=MethodOption, default="random", show_default=True)
 opt_opt = click.option("-o", "--opt", "opts", multiple=True, help="Method option key=value, e.g. -o fuse=true or -o r=9.6 (repeatable).")
 keep_opt = click.option("--keep", type=float, default=0.6, show_default=True, help="Fraction of patch tokens kept (0, 1].")
 layer_opt = click.option("--layer", type=int, default=3, show_default=True, help="Prune at the input of this block (0-based).")
@@ -86,13 +148,13 @@ def cli() -> None:
 def flops(arch, image_size, method, opts, keep, layer, as_json):
     """Full and pruned GFLOPs (fvcore and analytic) and their ratio."""
     from .flops import flop_report
-    from .methods import build_method
 
-    m = build_method(method, **parse_options(opts))
-    vit = load_visual(arch, image_size)
+    vit, m = setting_of(arch, image_size, method, opts, keep, layer)
     report = flop_report(vit, m, keep=keep, layer=layer)
-    emit({"model": arch, "image_size": vit.image_size[0], "method": method, "keep": keep, "layer": layer,
-          **parse_options(opts), **report.as_dict()}, as_json)
+    emit({**described(arch, vit, m, keep=keep, layer=layer), **report.as_dict()}, as_json)
+
+
+BASELINES = [("random", {}), ("cls_attention", {}), ("cls_attention", {"fuse": True}), ("tome", {"r": 0.0})]
 
 
 @cli.command()
@@ -104,19 +166,26 @@ def flops(arch, image_size, method, opts, keep, layer, as_json):
 @layer_opt
 @json_opt
 def match(arch, image_size, method, opts, keep, layer, as_json):
-    """Each baseline's setting that costs the same GFLOPs as METHOD at (keep, layer), within 1%."""
+    """Each baseline's setting that costs the same GFLOPs as METHOD at (keep, layer), within 1%.
+
+    A baseline that cannot run at this layer (CLS attention at layer 0) is reported as unavailable, with why."""
     from . import vit as V
     from .flops import analytic_gflops, match_setting
     from .methods import build_method
 
-    vit = load_visual(arch, image_size)
-    V.check_setting(vit, keep=keep, layer=layer)
+    vit, m = setting_of(arch, image_size, method, opts, keep, layer)  # refuses what flops and prune refuse
     dims = V.ViTDims.of(vit)
-    target = analytic_gflops(dims, build_method(method, **parse_options(opts)), keep=keep, layer=layer)
-    result = {"model": arch, "target_method": method, "target_gflops": round(target, 4)}
-    for name, cfg in [("random", {}), ("cls_attention", {}), ("cls_attention", {"fuse": True}), ("tome", {})]:
+    target = analytic_gflops(dims, m, keep=keep, layer=layer)
+    result = {**described(arch, vit, m, keep=keep, layer=layer), "target_gflops": round(target, 4)}
+    for name, cfg in BASELINES:
         label = name + ("+fuse" if cfg.get("fuse") else "")
-        result[label] = match_setting(dims, build_method(name, **cfg), target_gflops=target, layer=layer)
+        baseline = build_method(name, **cfg)
+        try:
+            baseline.check(vit, keep=keep, layer=layer)
+        except ClipPruneError as e:
+            result[label] = {"unavailable": str(e)}
+            continue
+        result[label] = match_setting(dims, baseline, target_gflops=target, layer=layer)
     emit(result, as_json)
 
 
@@ -133,29 +202,32 @@ def match(arch, image_size, method, opts, keep, layer, as_json):
 def bench(arch, image_size, method, opts, keep, layer, batch, repeats, as_json):
     """images/s of the full and the pruned model, measured alternately in one process."""
     from .bench import throughput
-    from .methods import build_method
 
     if batch < 1 or repeats < 1:
-        raise ClipPruneError("--batch and --repeats must be >= 1")
-    m = build_method(method, **parse_options(opts))
-    vit = load_visual(arch, image_size)
-    emit({"model": arch, "method": method, "keep": keep, "layer": layer, **parse_options(opts),
+        raise ClipPruneError(f"--batch and --repeats must be >= 1, got --batch {batch} --repeats {repeats}")
+    vit, m = setting_of(arch, image_size, method, opts, keep, layer)
+    emit({**described(arch, vit, m, keep=keep, layer=layer),
           **throughput(vit, m, keep=keep, layer=layer, batch=batch, repeats=repeats)}, as_json)
 
 
-def run(command: click.Command) -> None:
-    """Run a click command: user errors become one line on stderr and exit status 2, never a traceback."""
+def run(command: click.Command, args: list[str] | None = None) -> None:
+    """Run a click command on `args` (default: sys.argv): user errors become one line on stderr ("error: ...") and
+    exit status 2, never a traceback."""
     try:
-        command(standalone_mode=False)
+        command(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except ClipPruneError as e:
-        click.echo(f"error: {e}", err=True)
+    except click.ClickException as e:  # a bad flag or value: click's message, as one line like ours
+        click.echo(f"error: {one_line(e.format_message())}", err=True)
         sys.exit(2)
+    except ClipPruneError as e:
+        click.echo(f"error: {one_line(str(e))}", err=True)
+        sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def main() -> None:

@@ -9,15 +9,94 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import yaml
 
 from .errors import ClipPruneError
 
 
+# ------------------------------------------------------------------------------------------------ rules
+# Each section lists what its values must be (RULES, per key) and how keys must agree (CHECKS), next to its fields.
+# They run when a section is built, so every stage refuses a bad value before any work.
+@dataclass(frozen=True)
+class Rule:
+    ok: Callable[[Any], bool]
+    says: Callable[[], str]  # what a value must be, e.g. ">= 1"; lazy: choices may live in heavier modules
+
+    def __and__(self, other: "Rule") -> "Rule":
+        return Rule(lambda v: self.ok(v) and other.ok(v), lambda: f"{self.says()} and {other.says()}")
+
+
+def at_least(lo: float) -> Rule:
+    return Rule(lambda v: v >= lo, lambda: f">= {lo}")
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False) -> Rule:
+    return Rule(lambda v: (lo < v if lo_open else lo <= v) and v <= hi, lambda: f"in {'(' if lo_open else '['}{lo}, {hi}]")
+
+
+def one_of(names: Callable[[], Any]) -> Rule:
+    return Rule(lambda v: v in names(), lambda: "one of: " + ", ".join(names()))
+
+
+def each(rule: Rule) -> Rule:
+    """A rule for every item of a list (and the list must not be empty)."""
+    return Rule(lambda v: len(v) > 0 and all(rule.ok(x) for x in v), lambda: f"a non-empty list, each {rule.says()}")
+
+
+unique = Rule(lambda v: len(set(v)) == len(v), lambda: "without repeats")
+nonempty = Rule(lambda v: len(v) > 0, lambda: "non-empty")
+# The benchmark's rows (experiment.setups_for builds each) and the names the other modules register.
+EVAL_ROWS = ("full", "random", "cls_attention", "tome", "golden", "predictor", "predictor+tokens", "full+tokens")
+
+
+def _golden_scores():
+    from .golden import SCORES
+
+    return tuple(SCORES)
+
+
+def _predictor_losses():
+    from .predictor import LOSSES
+
+    return tuple(LOSSES)
+
+
+def _dataset_ok(name: str) -> bool:
+    """synth/<task> must name a task of the generated world; other sources are checked by the data stage."""
+    if not name.startswith("synth"):
+        return bool(name)
+    from .synth import TASKS
+
+    return name.removeprefix("synth/") in TASKS
+
+
+def _dataset_names() -> str:
+    from .synth import TASKS
+
+    return ", ".join(f"synth/{t}" for t in TASKS) + " (or wds/<name>, folder, coop/<Name>, a clip_benchmark name)"
+
+
+class Section:
+    """Base of every params section: its RULES and CHECKS run when it is built (from YAML or in code)."""
+
+    RULES: ClassVar[dict[str, Rule]] = {}
+    CHECKS: ClassVar[list[tuple[Callable[[Any], bool], str]]] = []  # (agrees, what to fix) across keys
+
+    def __post_init__(self) -> None:
+        name = next((n for n, c in SECTIONS.items() if c is type(self)), type(self).__name__)
+        for key, rule in self.RULES.items():
+            value = getattr(self, key)
+            if not rule.ok(value):
+                raise ClipPruneError(f"params: '{name}.{key}' must be {rule.says()}, got {value!r}")
+        for agrees, fix in self.CHECKS:
+            if not agrees(self):
+                raise ClipPruneError(f"params: {fix}")
+
+
 @dataclass
-class DataParams:
+class DataParams(Section):
     datasets: list[str]  # evaluated datasets: synth/<task>, wds/<name>, folder, coop/<Name>, clip_benchmark names
     root: str = "data/synth"  # where the data stage puts (or finds) them
     source: Optional[str] = None  # local root to copy from (wds/folder/coop); None: generate or download
@@ -28,20 +107,21 @@ class DataParams:
     n_train: int = 20000  # synthetic world: training image-caption pairs
     n_test: int = 2000  # test images: generated (synth) or the first n_test of a larger test split
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.n_test < 1:
-            raise ClipPruneError(f"params: 'data.n_test' must be >= 1 (a cap above the split size keeps it all), got {self.n_test}")
+    RULES = {"datasets": each(Rule(_dataset_ok, _dataset_names)) & unique, "root": nonempty, "n_train": at_least(0),
+             "n_test": at_least(1), "seed": at_least(0)}  # n_test: a cap above the split size keeps it all
 
 
 @dataclass
-class ModelParams:
+class ModelParams(Section):
     arch: str = "clipprune-tiny"  # open_clip architecture (ours is registered by clipprune.model)
     pretrained: Optional[str] = None  # None: trained by the pretrain stage; else an open_clip tag or a .pt path
+    RULES = {"arch": nonempty}
 
 
 @dataclass
-class PretrainParams:
+class PretrainParams(Section):
+    RULES = {"steps": at_least(0), "batch_size": at_least(1), "lr": at_least(0), "weight_decay": at_least(0),
+             "warmup": at_least(0), "text_freeze_frac": between(0, 1), "seed": at_least(0), "threads": at_least(1)}
     steps: int = 3000
     batch_size: int = 64
     lr: float = 2e-3
@@ -53,14 +133,22 @@ class PretrainParams:
 
 
 @dataclass
-class PruneParams:
+class PruneParams(Section):
+    # The gate judges a method against full: judging full itself could never fail.
+    RULES = {"keep": between(0, 1, lo_open=True), "layer": at_least(0),
+             "method": one_of(lambda: tuple(r for r in EVAL_ROWS if r != "full"))}
     keep: float = 0.6  # fraction of patch tokens kept (CLS always kept)
     layer: int = 1  # prune at the input of this block (0-based)
     method: str = "predictor+tokens"  # the method the accuracy gate judges
 
 
 @dataclass
-class GoldenParams:
+class GoldenParams(Section):
+    RULES = {"score": one_of(_golden_scores), "unit": at_least(1), "per_round": at_least(0),
+             "budget": between(0, 1, lo_open=True), "n_train": at_least(1), "batch_size": at_least(1),
+             "shard_size": at_least(1), "chunk_tokens": at_least(1)}
+    CHECKS = [(lambda g: g.shard_size % g.batch_size == 0,
+               "'golden.shard_size' must be a multiple of 'golden.batch_size' (shards hold whole batches)")]
     score: str = "similarity"  # label | max | similarity | fidelity
     unit: int = 1  # k: units are k x k patch blocks
     per_round: int = 16  # m: units eliminated per round (0 = one-shot leave-one-out)
@@ -73,7 +161,9 @@ class GoldenParams:
 
 
 @dataclass
-class PredictorParams:
+class PredictorParams(Section):
+    RULES = {"loss": one_of(_predictor_losses), "d": at_least(1), "epochs": at_least(1), "lr": at_least(0),
+             "weight_decay": at_least(0), "batch_size": at_least(1), "seed": at_least(0)}
     loss: str = "topset_kl"  # topset_kl | listnet | pairwise
     d: int = 16  # channel width after reduction
     epochs: int = 30
@@ -92,7 +182,9 @@ FEWSHOT = ("per_class", "dassl")  # per_class: a generator per (seed, class) | d
 
 
 @dataclass
-class TuneParams:
+class TuneParams(Section):
+    RULES = {"visual_tokens": at_least(0), "text_ctx": at_least(0), "shots": at_least(1), "epochs": at_least(1),
+             "lr": at_least(0), "batch_size": at_least(1), "seed": at_least(0)}
     visual_tokens: int = 4  # learnable visual tokens appended after the pruning point (0: none)
     deep: bool = False  # deep: a fresh set at every block from the pruning layer on
     text_ctx: int = 4  # learnable text context vectors (0: keep the hand-written templates)
@@ -119,7 +211,10 @@ class TuneParams:
 
 
 @dataclass
-class EvalParams:
+class EvalParams(Section):
+    RULES = {"batch_size": at_least(1), "methods": each(one_of(lambda: EVAL_ROWS)) & unique,
+             "sweep_keeps": each(between(0, 1, lo_open=True)) & unique, "sweep_methods": each(one_of(lambda: EVAL_ROWS)) & unique,
+             "sweep_images": at_least(1), "overlay_images": at_least(1)}
     batch_size: int = 250
     methods: list[str] = field(default_factory=lambda: ["full", "random", "cls_attention", "tome", "golden", "predictor",
                                                         "predictor+tokens", "full+tokens"])
@@ -130,7 +225,8 @@ class EvalParams:
 
 
 @dataclass
-class CheckParams:
+class CheckParams(Section):
+    RULES = {"max_drop": at_least(0), "tolerance": at_least(0)}
     max_drop: float = 0.05  # fail when mean acc1 of prune.method is more than this below full
     tolerance: float = 0.01  # fail when any acc1 fell more than this below the committed reports/metrics.json
 
@@ -159,11 +255,16 @@ def _check_type(value: Any, tp: Any) -> bool:
 
 
 def section(params: dict, name: str):
-    """The validated dataclass for `params[name]`; unknown keys or wrong types are one clear error."""
+    """The validated dataclass for `params[name]`: a missing section, an unknown key, a wrong type or a value out of
+    range is one clear error. No section a stage reads may be absent: its defaults would pass silently (a gate
+    without `check` would judge by thresholds nobody chose)."""
     cls = SECTIONS[name]
-    raw = params.get(name) or {}
+    if params.get(name) is None:
+        raise ClipPruneError(f"params: section '{name}' is {'empty' if name in params else 'missing'}; add it with its "
+                             f"keys ({', '.join(f.name for f in dataclasses.fields(cls))}; clipprune/config.py documents them)")
+    raw = params[name]
     if not isinstance(raw, dict):
-        raise ClipPruneError(f"params: section '{name}' must be a mapping")
+        raise ClipPruneError(f"params: section '{name}' must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in raw.items():
@@ -179,6 +280,15 @@ def section(params: dict, name: str):
         raise ClipPruneError(f"params: '{name}' needs {', '.join(missing)}") from None
 
 
+# Rules across sections: (sections, agrees, what to fix). They run whenever the file has those sections, whichever
+# stage loads it, so the gate never judges a method the evaluation does not run.
+ACROSS: list[tuple[tuple[str, ...], Callable[..., bool], str]] = [
+    (("prune", "eval"), lambda prune, ev: prune.method in ev.methods,
+     "'prune.method' must be one of the evaluated rows 'eval.methods' (the gate judges it against full)"),
+    (("prune", "eval"), lambda prune, ev: "full" in ev.methods, "'eval.methods' must include full (the gate's reference)"),
+]
+
+
 def _type_name(tp: Any) -> str:
     """'float', 'list of str', 'str or null': how a YAML user reads a type."""
     origin = typing.get_origin(tp)
@@ -189,24 +299,54 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> dict:
     path = Path(path)
     if not path.is_file():
         raise ClipPruneError(f"no params file at {path}: run from the repository root")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ClipPruneError(f"{where}: not valid YAML: {e.problem or e.context}; fix that line") from None
     except yaml.YAMLError as e:
         raise ClipPruneError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ClipPruneError(f"{path} must be a mapping of sections ({', '.join(SECTIONS)}), got {type(params).__name__}")
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ClipPruneError(f"params: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     return params
 
 
+def check_across(params: dict) -> None:
+    """The ACROSS rules whose sections the file has."""
+    for names, agrees, fix in ACROSS:
+        if all(params.get(n) is not None for n in names) and not agrees(*(section(params, n) for n in names)):
+            raise ClipPruneError(f"params: {fix}")
+
+
 def load(*names: str, path: str | Path = "params.yaml") -> tuple:
-    """Validated sections `names` of the params file, in order."""
+    """Validated sections `names` of the params file, in order (the rules across sections checked too)."""
     params = load_params(path)
-    return tuple(section(params, n) for n in names)
+    out = tuple(section(params, n) for n in names)
+    check_across(params)
+    return out
 
 
 def pick(params: dict, keys) -> dict:

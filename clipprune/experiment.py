@@ -20,13 +20,13 @@ from typing import Optional
 import numpy as np
 
 from . import vit as V
-from .config import DataParams, EvalParams, GoldenParams, ModelParams, PredictorParams, PruneParams
+from .config import EVAL_ROWS, DataParams, EvalParams, GoldenParams, ModelParams, PredictorParams, PruneParams
 from .errors import ClipPruneError
 from .flops import analytic_gflops, match_setting
 from .methods import Method, build_method
 from .pipeline import MODELS, group_of, ranking_path, safe_name
 
-LABELS = ("full", "random", "cls_attention", "tome", "golden", "predictor", "predictor+tokens", "full+tokens")
+LABELS = EVAL_ROWS  # the rows params may name (config checks eval.methods against them)
 TRANSFERRED = ("predictor", "predictor+tokens")  # the rows predictor.transfer_from adds, as <row>@<source>
 
 
@@ -99,7 +99,7 @@ def setups_for(dataset: str, *, data: DataParams, golden: GoldenParams, prune: P
             s = match_setting(dims, build_method(label), target_gflops=target, layer=layer)
             out[label] = Setup(label, build_method(label), s["keep"], layer)
         elif label == "tome":
-            s = match_setting(dims, build_method("tome"), target_gflops=target, layer=layer)
+            s = match_setting(dims, build_method("tome", r=0.0), target_gflops=target, layer=layer)
             out[label] = Setup(label, build_method("tome", r=s["r"]), 1.0, layer)
         elif label == "golden":
             out[label] = Setup(label, build_method("ranking"), keep, layer, ranking=ranking_path(key, "test"))
@@ -179,7 +179,8 @@ def sweep_indices(dataset: str, *, data: DataParams, n: int) -> list[int]:
     return stratified_indices(dataset_labels(test), n, seed=data.seed)
 
 
-def eval_loader(setup: Setup, test, *, indices: Optional[Sequence[int]] = None, batch_size: int):
+def eval_loader(setup: Setup, test, *, indices: Optional[Sequence[int]] = None, batch_size: int,
+                n_patches: Optional[int] = None):
     """A DataLoader over `test` (or its images `indices`, in that order). For a ranking row, the ranking's rows
     are bound batch by batch, picked by the images' own (original) test indices."""
     import torch
@@ -195,7 +196,7 @@ def eval_loader(setup: Setup, test, *, indices: Optional[Sequence[int]] = None, 
     loader = torch.utils.data.DataLoader(test, batch_size=batch_size, shuffle=False)
     if setup.ranking is None:
         return loader
-    order = load_ranking(setup.ranking).patch_order
+    order = load_ranking(setup.ranking, n_patches=n_patches).patch_order
     rows = order[torch.as_tensor(list(indices), dtype=torch.long)] if indices is not None else order[:len(test)]
     return bound_batches(loader, setup.method, rows)
 
@@ -221,6 +222,7 @@ def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params
     else:
         prune(model, setup.method, keep=setup.keep, layer=setup.layer)
         classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates, device=device)
-    loader = eval_loader(setup, test, indices=indices, batch_size=eval_params.batch_size)
+    loader = eval_loader(setup, test, indices=indices, batch_size=eval_params.batch_size,
+                         n_patches=V.num_patches(model.visual))
     return evaluate(model, loader, tokenizer=tokenizer, classnames=ds.classnames, templates=ds.templates,
                     classifier=classifier, device=device)

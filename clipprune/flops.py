@@ -57,8 +57,8 @@ _IGNORED = ["aten::add", "aten::add_", "aten::gelu", "aten::mul", "aten::div", "
 def fvcore_gflops(vit: Any, *, image_size: Optional[int] = None) -> float:
     """GFLOPs (MACs) of one image through `vit` (patched or not), counted by fvcore."""
     vit = getattr(vit, "visual", vit)
-    size = image_size or vit.image_size[0]
-    x = torch.zeros(1, 3, size, size, dtype=vit.conv1.weight.dtype, device=vit.conv1.weight.device)
+    h, w = (image_size, image_size) if image_size else vit.image_size  # non-square towers count as they are
+    x = torch.zeros(1, 3, h, w, dtype=vit.conv1.weight.dtype, device=vit.conv1.weight.device)
     was_training = vit.training
     vit.eval()
     logging.getLogger("fvcore").setLevel(logging.ERROR)

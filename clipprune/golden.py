@@ -299,15 +299,30 @@ class Ranking:
     labels: Tensor
 
 
-def load_ranking(path: str | Path) -> Ranking:
-    """A golden ranking file, checked; one clear error if it is missing or not one."""
+def load_ranking(path: str | Path, *, n_patches: Optional[int] = None) -> Ranking:
+    """A golden ranking file, checked; one clear error if it is missing, not one, or not a ranking of `n_patches`
+    patches (the model it will prune) whose every row is an order of all of them."""
     path = Path(path)
     if not path.is_file():
         raise ClipPruneError(f"no golden ranking at {path}: run the golden stage first (dvc repro golden)")
     try:
         d = torch.load(path)
         assert d["meta"]["format"] == FORMAT
+        r = Ranking(meta=d["meta"], patch_order=d["patch_order"].long(), unit_order=d["unit_order"].long(),
+                    unit_scores=d["unit_scores"], labels=d["labels"])
     except Exception:
         raise ClipPruneError(f"{path} is not a clipprune golden ranking file ({FORMAT})") from None
-    return Ranking(meta=d["meta"], patch_order=d["patch_order"].long(), unit_order=d["unit_order"].long(),
-                   unit_scores=d["unit_scores"], labels=d["labels"])
+    rerun = "rerun the golden stage (dvc repro -f golden)"
+    order = r.patch_order
+    if order.ndim != 2 or len(r.labels) != len(order) or r.unit_order.shape[0] != len(order):
+        raise ClipPruneError(f"{path}: patch_order has shape {tuple(order.shape)} for {len(r.labels)} images; {rerun}")
+    if n_patches is not None and order.shape[1] != n_patches:
+        raise ClipPruneError(f"{path} ranks {order.shape[1]} patches per image, the model has {n_patches}: it was "
+                             f"searched for another model or image size; {rerun}")
+    n = order.shape[1]
+    is_order = (order.sort(dim=1).values == torch.arange(n)).all(dim=1)  # every row: each patch exactly once
+    if not is_order.all():
+        i = int((~is_order).nonzero()[0])
+        what = f"indices outside [0, {n})" if ((order[i] < 0) | (order[i] >= n)).any() else "repeated patches"
+        raise ClipPruneError(f"{path}: patch_order of image {i} has {what}; {rerun}")
+    return r

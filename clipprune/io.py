@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from .errors import ClipPruneError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -47,3 +49,20 @@ def torch_bytes(obj: Any) -> bytes:
 
 def save_torch_atomic(path: str | Path, obj: Any) -> Path:
     return write_bytes_atomic(path, torch_bytes(obj))
+
+
+def check_writable(*dirs: str | Path) -> None:
+    """Refuse, before any work, output directories this process cannot create or write into: one line naming the
+    path and the fix, never a PermissionError after an hour of search. Creates nothing (the probe file is
+    removed at once)."""
+    for d in map(Path, dirs):
+        at = d
+        while not os.path.lexists(at):  # where the first missing directory would be made
+            at = at.parent
+        if not at.is_dir():
+            raise ClipPruneError(f"cannot write {d}/: {at} is not a directory; move it away or change the output path")
+        try:
+            tempfile.TemporaryFile(dir=at).close()
+        except OSError as e:
+            raise ClipPruneError(f"cannot write {d}/: {at}/ is not writable ({e.strerror}); make it writable "
+                                 f"(chmod u+w {at}) or run from a checkout you own") from None

@@ -9,7 +9,9 @@ A method knows how to patch a ViT (`spec`) and which token counts its setting im
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -18,6 +20,7 @@ from torch import Tensor
 
 from . import vit as V
 from .errors import ClipPruneError
+from .values import coerce
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -32,15 +35,24 @@ def register(name: str):
 
 
 def build_method(name: str, **cfg: Any) -> "Method":
-    """A method from its registry name and config dict; one clear error for unknown names or keys."""
+    """A method from its registry name and options; one clear error for an unknown name, an unknown or missing
+    option, or a value of the wrong type (numpy/torch scalars count as the numbers they hold)."""
     if name not in METHODS:
         raise ClipPruneError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(cfg) - known)
+    options = cls.options()
+    unknown = sorted(set(cfg) - set(options))
     if unknown:
-        raise ClipPruneError(f"method {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(sorted(known)) or 'none'}")
+        raise ClipPruneError(f"method {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(options) or 'none'}")
+    missing = [k for k, f in options.items() if k not in cfg and f.default is dataclasses.MISSING]
+    if missing:
+        raise ClipPruneError(f"method {name!r} needs option " + ", ".join(f"{k} ({options[k].metadata.get('help', k)})" for k in missing))
     return cls(**cfg)
+
+
+def cli_methods() -> list[str]:
+    """Methods the command line can run (a `ranking` needs per-image rows bound at run time)."""
+    return [name for name, cls in METHODS.items() if cls.runs_alone]
 
 
 @dataclass
@@ -48,6 +60,22 @@ class Method:
     """Base: prune once at the input of `layer`, keeping round(keep * N) patches (CLS always kept)."""
 
     name: ClassVar[str] = "base"
+    runs_alone: ClassVar[bool] = True  # False: needs data bound at run time, so the CLI cannot run it
+
+    def __post_init__(self) -> None:
+        # Every option is typed once, here, for build_method, direct construction and dataclasses.replace alike.
+        hints = _hints(type(self))
+        for key in self.options():
+            setattr(self, key, coerce(getattr(self, key), hints[key], f"method {self.name!r} option {key}"))
+        self.validate()
+
+    def validate(self) -> None:
+        """Range checks of the options that need no model (those that do belong in `check`)."""
+
+    @classmethod
+    def options(cls) -> dict[str, dataclasses.Field]:
+        """The user-settable options (private fields hold run-time state)."""
+        return {f.name: f for f in dataclasses.fields(cls) if not f.name.startswith("_")}
 
     def selector(self, vit, *, keep: float, layer: int) -> V.Selector:
         raise NotImplementedError
@@ -75,9 +103,15 @@ class Method:
         return 0.0
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def prune(model: Any, method: Method, *, keep: float, layer: int):
     """Patch `model` (CLIP or its visual tower) in place with `method`; returns the visual tower."""
     vit = V.check_vit(model)
+    keep, layer = V.setting(keep, layer)
     return V.apply_spec(vit, method.spec(vit, keep=keep, layer=layer))
 
 
@@ -176,6 +210,7 @@ class RankingPruning(Method):
     bound to the next batch with `bind(rows)` (see `bound_batches`), so any evaluation loop can use it.
     """
 
+    runs_alone: ClassVar[bool] = False
     _rows: Optional[Tensor] = dataclasses.field(default=None, repr=False)
 
     def bind(self, rows: Tensor) -> None:
@@ -229,13 +264,18 @@ class ToMe(Method):
     `r` is the number of tokens merged per block; a fractional r is spread evenly (see tome_schedule).
     `keep`/`layer` do not apply to ToMe."""
 
-    r: float = 0.0
+    # No default: a ToMe that merges nothing is the full model, and should be asked for as such.
+    r: float = dataclasses.field(metadata={"help": "tokens merged per block, e.g. r=9.6"})
     start: int = 0
 
+    def validate(self) -> None:
+        if self.r < 0:
+            raise ClipPruneError(f"method 'tome' option r must be >= 0 (tokens merged per block), got {self.r!r}")
+        if self.start < 0:
+            raise ClipPruneError(f"method 'tome' option start must be >= 0 (the first merging block), got {self.start!r}")
+
     def check(self, vit, *, keep: float, layer: int) -> None:
-        if not (isinstance(self.r, (int, float)) and self.r >= 0):
-            raise ClipPruneError(f"tome r must be >= 0, got {self.r!r}")
-        if not (isinstance(self.start, int) and 0 <= self.start < V.depth(vit)):
+        if not (0 <= self.start < V.depth(vit)):
             raise ClipPruneError(f"tome start must be in [0, {V.depth(vit)}), got {self.start!r}")
 
     def _merges(self, n_patches: int, depth: int) -> list[int]:
@@ -337,6 +377,7 @@ class PredictorPruning(Method):
     path: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self._module: Optional[torch.nn.Module] = None  # not a field: kept out of configs and spec info
 
     @classmethod

@@ -17,6 +17,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor
 
 from .errors import ClipPruneError
+from .values import coerce
 
 
 @dataclass
@@ -96,10 +97,16 @@ def check_vit(vit: Any) -> VisionTransformer:
     return vit
 
 
+def setting(keep: Any, layer: Any) -> tuple[float, int]:
+    """(keep, layer) as Python numbers: numpy/torch scalars are read as numbers; a bool is neither."""
+    return coerce(keep, float, "keep"), coerce(layer, int, "layer")
+
+
 def check_setting(vit: VisionTransformer, *, keep: float, layer: int) -> None:
-    if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):
+    keep, layer = setting(keep, layer)
+    if not 0.0 < keep <= 1.0:
         raise ClipPruneError(f"keep must be in (0, 1], got {keep!r}")
-    if not (isinstance(layer, int) and 0 <= layer < depth(vit)):
+    if not 0 <= layer < depth(vit):
         raise ClipPruneError(f"layer must be in [0, {depth(vit)}) for this model, got {layer!r}")
 
 

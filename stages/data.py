@@ -12,6 +12,7 @@ import click
 from clipprune import config, prereq
 from clipprune.cli import params_opt, run
 from clipprune.data import materialise, staged_dir
+from clipprune.io import check_writable
 from clipprune.pipeline import dataset_root
 
 
@@ -22,6 +23,7 @@ from clipprune.pipeline import dataset_root
 def main(params_path: str, check_only: bool) -> None:
     """Materialise every dataset in data.datasets; the synthetic tasks share one generated world."""
     (data,) = config.load("data", path=params_path)
+    check_writable(data.root)  # one line before any check or fetch
     plans = prereq.require(data)
     if check_only:
         for plan in plans:

@@ -6,7 +6,7 @@ from clipprune import config
 from clipprune.cli import params_opt, run
 from clipprune.dist import barrier, device, init_from_env, my_share, shutdown
 from clipprune.experiment import eval_labels, evaluate_setup, setups_for
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report, safe_name
 from clipprune.zeroshot import result_record
 
@@ -19,6 +19,7 @@ def main(params_path: str) -> None:
     data, model_p, prune_p, golden, eval_p, pred_p = config.load("data", "model", "prune", "golden", "eval", "predictor",
                                                                  path=params_path)
     labels = eval_labels(eval_p, data, pred_p)
+    check_writable(REPORTS / "eval")
     flops = read_report("flops.json", stage="flops")["datasets"]
     from clipprune import vit as V
     from clipprune.pipeline import load_clip

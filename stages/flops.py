@@ -6,7 +6,7 @@ from clipprune import vit as V
 from clipprune.cli import params_opt, run
 from clipprune.experiment import eval_labels, setup_gflops, setups_for
 from clipprune.flops import CONVENTION, fvcore_gflops
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.methods import build_method, prune
 from clipprune.pipeline import REPORTS, load_clip
 
@@ -33,6 +33,7 @@ def main(params_path: str) -> None:
     data, model_p, prune_p, golden, eval_p, pred_p = config.load("data", "model", "prune", "golden", "eval", "predictor",
                                                                  path=params_path)
     labels = eval_labels(eval_p, data, pred_p)
+    check_writable(REPORTS)
     model, _, _ = load_clip(model_p)
     dims = V.ViTDims.of(model.visual)
     table = {"convention": CONVENTION, "datasets": {}}

@@ -7,8 +7,8 @@ from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device, init_from_env, shutdown
 from clipprune.golden import NEEDS_CLASSIFIER, SearchConfig, load_ranking, run_search
-from clipprune.io import write_json_atomic
-from clipprune.pipeline import (CLIP_CKPT, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
+from clipprune.io import check_writable, write_json_atomic
+from clipprune.pipeline import (CLIP_CKPT, RANKINGS, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
                                 ranking_groups, ranking_path)
 from clipprune.synth import TASKS
 from clipprune.zeroshot import classifier_weights
@@ -31,11 +31,13 @@ def main(params_path: str, progress: bool) -> None:
     Resumable: shards land in rankings/<key>-<split>.pt.shards/ and a rerun skips the finished ones.
     """
     data, model, prune, golden = config.load("data", "model", "prune", "golden", path=params_path)
+    check_writable(RANKINGS, REPORTS)
     rank, _ = init_from_env()
     dev = device()
     clip, preprocess, tokenizer = load_clip(model, device=dev)
     cfg = SearchConfig(layer=prune.layer, unit=golden.unit, per_round=golden.per_round, budget=golden.budget,
                        score=golden.score, chunk_tokens=golden.chunk_tokens)
+    cfg.check(clip.visual)  # unit vs grid, layer vs depth: refused before any data is read
     report = {}
     for key, name in ranking_groups(data, golden).items():
         # golden.joint (a classifier-reading score with one "synth" group): every task of the world at once

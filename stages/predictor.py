@@ -8,9 +8,10 @@ from clipprune.data import load_dataset
 from clipprune.dist import device
 from clipprune.experiment import predictor_path
 from clipprune.golden import load_ranking
-from clipprune.io import write_json_atomic
-from clipprune.pipeline import REPORTS, dataset_root, load_clip, ranking_groups, ranking_path
+from clipprune.io import check_writable, write_json_atomic
+from clipprune.pipeline import MODELS, REPORTS, dataset_root, load_clip, ranking_groups, ranking_path
 from clipprune.predictor import save_predictor, train_predictor
+from clipprune.vit import num_patches
 
 
 @click.command()
@@ -19,11 +20,13 @@ def main(params_path: str) -> None:
     """One predictor per ranking group (one for all synthetic tasks with a label-free score), trained on the
     train-split golden rankings; top-k overlap and Kendall tau on the test split are DVC metrics."""
     data, model_p, prune_p, golden, pred = config.load("data", "model", "prune", "golden", "predictor", path=params_path)
+    check_writable(MODELS / "predictors", REPORTS, "dvclive/predictor")
     dev = device()
     model, preprocess, _ = load_clip(model_p, device=dev)
     report = {}
     for key, name in ranking_groups(data, golden).items():
-        train_rank, test_rank = load_ranking(ranking_path(key, "train")), load_ranking(ranking_path(key, "test"))
+        n = num_patches(model.visual)  # a ranking of another grid would train on the wrong patches
+        train_rank, test_rank = (load_ranking(ranking_path(key, s), n_patches=n) for s in ("train", "test"))
         root = dataset_root(data, name)
         train = load_dataset(name, root=root, split="train", transform=preprocess).indexable()
         test = load_dataset(name, root=root, split="test", transform=preprocess).indexable()

@@ -3,7 +3,7 @@ import click
 
 from clipprune import config
 from clipprune.cli import params_opt, run
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import CLIP_CKPT, REPORTS, dataset_root
 
 
@@ -17,6 +17,7 @@ def main(params_path: str) -> None:
     with zero-shot on the first data.n_test test images.
     """
     data, model, pre = config.load("data", "model", "pretrain", path=params_path)
+    check_writable(CLIP_CKPT.parent, REPORTS, "dvclive/pretrain")
     if model.pretrained is not None:
         from clipprune.model import build_model, save_checkpoint
 

@@ -6,7 +6,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from clipprune import config, report
 from clipprune.cli import params_opt, run
 from clipprune.experiment import eval_labels
-from clipprune.io import write_bytes_atomic, write_json_atomic
+from clipprune.io import check_writable, write_bytes_atomic, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report
 
 # What dvc.yaml's report stage declares under params, and all that summary.md shows.
@@ -37,7 +37,7 @@ def overlays(data, model_p, prune_p, golden, eval_p) -> None:
     for label, s in rows.items():
         prune(model, s.method, keep=s.keep, layer=s.layer)
         if s.ranking is not None:
-            s.method.bind(load_ranking(s.ranking).patch_order[:n])
+            s.method.bind(load_ranking(s.ranking, n_patches=V.num_patches(model.visual)).patch_order[:n])
         masks[label] = report.kept_patches(model, x, layer=s.layer, forward=model.encode_image)
         V.unpatch(model)
     report.overlay_figure(pixels, masks, model.visual.grid_size, REPORTS / "figures" / "overlays.png")
@@ -49,6 +49,7 @@ def main(params_path: str) -> None:
     """Write reports/metrics.json, reports/plots/*.csv, reports/figures/*.png and reports/summary.md."""
     data, model_p, prune_p, golden, eval_p, pred_p = config.load("data", "model", "prune", "golden", "eval", "predictor",
                                                                  path=params_path)
+    check_writable(REPORTS / "plots", REPORTS / "figures", REPORTS)
     results = report.collect(REPORTS / "eval", data.datasets, list(eval_labels(eval_p, data, pred_p)))
     predictor = read_report("predictor.json", stage="predictor")
     metrics = report.build_metrics(results, predictor=predictor)

@@ -7,7 +7,7 @@ from clipprune import vit as V
 from clipprune.cli import params_opt, run
 from clipprune.dist import device, gather, init_from_env, my_share, shutdown
 from clipprune.experiment import digest, evaluate_setup, setup_gflops, setups_for, sweep_indices
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import REPORTS, load_clip
 
 
@@ -18,6 +18,7 @@ def main(params_path: str) -> None:
     per dataset: a class-stratified sample of its ranked test images drawn with data.seed, the same for every
     method and keep (each row names it by its digest)."""
     data, model_p, prune_p, golden, eval_p = config.load("data", "model", "prune", "golden", "eval", path=params_path)
+    check_writable(REPORTS)
     dims = V.ViTDims.of(load_clip(model_p)[0].visual)
     jobs = [(d, k, label, s) for d in data.datasets for k in eval_p.sweep_keeps
             for label, s in setups_for(d, data=data, golden=golden, prune=prune_p, dims=dims,

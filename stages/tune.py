@@ -7,9 +7,9 @@ from clipprune.cli import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device
 from clipprune.experiment import predictor_path, tokens_path
-from clipprune.io import write_json_atomic
+from clipprune.io import check_writable, write_json_atomic
 from clipprune.methods import build_method
-from clipprune.pipeline import REPORTS, dataset_root, group_of, load_clip, safe_name
+from clipprune.pipeline import MODELS, REPORTS, dataset_root, group_of, load_clip, safe_name
 from clipprune.prompts import train_transform, tune
 
 
@@ -18,6 +18,7 @@ from clipprune.prompts import train_transform, tune
 def main(params_path: str) -> None:
     """For each dataset: tokens for predictor pruning at (prune.keep, prune.layer), and for the full model."""
     data, model_p, prune_p, golden, tune_p = config.load("data", "model", "prune", "golden", "tune", path=params_path)
+    check_writable(MODELS / "tokens", REPORTS, "dvclive/tune")
     visual = {"n": tune_p.visual_tokens, "deep": tune_p.deep} if tune_p.visual_tokens else None
     text = {"n_ctx": None if tune_p.text_init else tune_p.text_ctx, "init": tune_p.text_init} if tune_p.text_ctx else None
     report = {}
