@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import click
 import yaml
 
 from .errors import ClipPruneError
+from .runner import run
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no download can succeed here; fail in seconds, not a minute
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -125,8 +124,6 @@ opt_opt = click.option("-o", "--opt", "opts", multiple=True, help="Method option
 keep_opt = click.option("--keep", type=float, default=0.6, show_default=True, help="Fraction of patch tokens kept (0, 1].")
 layer_opt = click.option("--layer", type=int, default=3, show_default=True, help="Prune at the input of this block (0-based).")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-# Every DVC stage reads its sections from here (dvc.yaml declares which, so DVC knows what each depends on).
-params_opt = click.option("--params", "params_path", default="params.yaml", show_default=True, help="The params file.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -210,27 +207,10 @@ def bench(arch, image_size, method, opts, keep, layer, batch, repeats, as_json):
           **throughput(vit, m, keep=keep, layer=layer, batch=batch, repeats=repeats)}, as_json)
 
 
-def run(command: click.Command, args: list[str] | None = None) -> None:
-    """Run a click command on `args` (default: sys.argv): user errors become one line on stderr ("error: ...") and
-    exit status 2, never a traceback."""
-    try:
-        command(args=args, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:  # a bad flag or value: click's message, as one line like ours
-        click.echo(f"error: {one_line(e.format_message())}", err=True)
-        sys.exit(2)
-    except ClipPruneError as e:
-        click.echo(f"error: {one_line(str(e))}", err=True)
-        sys.exit(2)
-
-
-def one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
 def main() -> None:
+    # This command line builds random-init towers only: no download is ever needed, so a stray hub lookup
+    # fails in seconds. Set here, not at import: the stages import this package and the paper run must fetch.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run(cli)
 
 

@@ -11,7 +11,7 @@ import sys
 import click
 
 from clipprune import config, report
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.errors import ClipPruneError
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import REPORTS

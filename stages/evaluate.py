@@ -3,7 +3,7 @@ import click
 from tqdm import tqdm
 
 from clipprune import config
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.dist import barrier, device, init_from_env, my_share, shutdown
 from clipprune.experiment import eval_labels, evaluate_setup, setups_for
 from clipprune.io import check_writable, write_json_atomic

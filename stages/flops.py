@@ -3,7 +3,7 @@ import click
 
 from clipprune import config
 from clipprune import vit as V
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.experiment import eval_labels, setup_gflops, setups_for
 from clipprune.flops import CONVENTION, fvcore_gflops
 from clipprune.io import check_writable, write_json_atomic

@@ -3,7 +3,7 @@ import click
 import torch
 
 from clipprune import config
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device, init_from_env, shutdown
 from clipprune.golden import NEEDS_CLASSIFIER, SearchConfig, load_ranking, run_search

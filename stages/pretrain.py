@@ -2,7 +2,7 @@
 import click
 
 from clipprune import config
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import CLIP_CKPT, REPORTS, dataset_root
 

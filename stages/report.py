@@ -4,7 +4,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from clipprune import config, report
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.experiment import eval_labels
 from clipprune.io import check_writable, write_bytes_atomic, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report

@@ -4,7 +4,7 @@ from tqdm import tqdm
 
 from clipprune import config
 from clipprune import vit as V
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.dist import device, gather, init_from_env, my_share, shutdown
 from clipprune.experiment import digest, evaluate_setup, setup_gflops, setups_for, sweep_indices
 from clipprune.io import check_writable, write_json_atomic

@@ -3,7 +3,7 @@ unpruned reference of the same tuning, on the full CLIP; only the learned tensor
 import click
 
 from clipprune import config
-from clipprune.cli import params_opt, run
+from clipprune.runner import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device
 from clipprune.experiment import predictor_path, tokens_path

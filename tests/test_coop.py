@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 from torchvision.transforms import ToTensor
 
-from clipprune import coop
 from clipprune.coop import COOP_DATASETS, SOURCES, load_coop, resolve
 from clipprune.data import DataError, dataset_labels, load_dataset, materialise
 

@@ -85,3 +85,16 @@ def test_default_is_the_way_back(project):
     assert (project / "params.yaml").read_text() == original
     assert (project / "reports" / "metrics.json").read_text() == "{}\n"
     assert calls(project)[-1].startswith("dvc checkout")
+
+
+def test_stages_leave_the_hub_reachable():
+    """The CLI builds random towers and goes offline in its main(); the stages import the package too, and the paper
+    run's pretrain stage must reach the hub for the OpenAI weights: importing a stage must not switch it off."""
+    import subprocess as sp
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["PYTHONPATH"] = str(ROOT)
+    code = "import os, stages.pretrain, stages.data, clipprune.cli; print(os.environ.get('HF_HUB_OFFLINE'))"
+    out = sp.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr

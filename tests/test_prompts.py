@@ -4,7 +4,6 @@ Dassl's own code (few-shot draw on real CoOp splits, warm-up + cosine schedule, 
 import json
 import os
 import random
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
