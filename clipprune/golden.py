@@ -229,6 +229,16 @@ def meta_key(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def tensors_digest(tensors) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes: what the search computes from, whatever the caller's meta says."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta: dict,
                classifier: Optional[Tensor | list[Tensor]] = None, batch_size: int = 32, shard_size: int = 512,
                device: str = "cpu", progress: bool = True) -> Path:
@@ -248,7 +258,12 @@ def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta:
     searched = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "chunk_tokens"}  # a memory knob only
     meta = {"format": FORMAT, **meta, "search": searched, "n_images": n_images,
             "grid": list(search.vit.grid_size), "shard_size": shard_size, "batch_size": batch_size}
-    key = meta_key(meta)
+    # Shards are named by everything their content depends on: a rerun under another setting, other weights or
+    # another classifier never reuses them. The weights' digest stays out of the written meta (the caller's
+    # meta names the model), so the output file's bytes do not depend on it.
+    classifiers = [] if classifier is None else list(classifier) if isinstance(classifier, (list, tuple)) else [classifier]
+    inputs = tensors_digest([*search.vit.state_dict().values(), torch.as_tensor(search.scale), *classifiers])
+    key = meta_key({**meta, "inputs": inputs})
     shard_dir = out_path.with_name(out_path.name + ".shards")
     rank, world = rank_world()
     if rank == 0:

@@ -49,11 +49,17 @@ def gate(metrics: dict, committed: Optional[dict], *, method: str, max_drop: flo
     drop = mean["full"]["acc1"] - mean[method]["acc1"]
     if drop > max_drop:
         failures.append(f"{method} loses {drop:.4f} mean acc1 against full, more than check.max_drop={max_drop}")
-    if committed:
+    if committed is not None:
+        # Every committed row must still be measured: a dataset or method that vanished is a failure, never a skip.
+        if not committed.get("datasets"):
+            failures.append("the committed metrics have no per-dataset acc1 to compare with; recommit reports/metrics.json")
         for d, rows in committed.get("datasets", {}).items():
             for m, old in rows.items():
                 new = metrics.get("datasets", {}).get(d, {}).get(m)
-                if new is not None and old["acc1"] - new["acc1"] > tolerance:
+                if new is None:
+                    failures.append(f"{d}/{m} is in the committed metrics but not in the new ones; evaluate it, or "
+                                    "commit the new reports/metrics.json if dropping it is intended")
+                elif old["acc1"] - new["acc1"] > tolerance:
                     failures.append(f"{d}/{m} acc1 fell {old['acc1']:.4f} -> {new['acc1']:.4f}, beyond check.tolerance={tolerance}")
     return failures
 

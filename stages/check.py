@@ -7,6 +7,7 @@ a failed verdict, one line per failure.
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import click
 
@@ -17,10 +18,41 @@ from clipprune.io import write_json_atomic
 from clipprune.pipeline import REPORTS
 
 
+def git(*args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise ClipPruneError("check --against-git needs git, which is not installed: install it, or pass "
+                             "--no-against-git to skip the comparison with the committed metrics") from None
+
+
 def committed_metrics(path: str) -> dict | None:
-    """reports/metrics.json as committed at HEAD (None when there is no git or no committed copy)."""
-    out = subprocess.run(["git", "show", f"HEAD:{path}"], capture_output=True, text=True)
-    return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else None
+    """`path` as committed at HEAD; None only when git works and HEAD has no such file (a project's first run).
+
+    Asked to compare (--against-git), a broken comparison must not pass as "nothing to compare": no git, not a
+    repository, or an unreadable committed copy is an error, not a silently disarmed gate.
+    """
+    repo = git("rev-parse", "--git-dir")
+    if repo.returncode != 0:
+        why = (repo.stderr.strip().splitlines() or ["git failed"])[-1]
+        raise ClipPruneError(f"check --against-git compares {path} with its committed copy, but git cannot read the "
+                             f"repository at {Path.cwd()} ({why}): run it in the repository, or pass --no-against-git")
+    if git("rev-parse", "--verify", "--quiet", "HEAD").returncode != 0:
+        return None  # no commit yet
+    spec = f"HEAD:./{path}"  # ./: relative to the working directory, wherever the git root is
+    if git("cat-file", "-e", spec).returncode != 0:
+        return None
+    out = git("show", spec)
+    try:
+        if out.returncode != 0:
+            raise ValueError(out.stderr.strip())
+        committed = json.loads(out.stdout)
+        if not isinstance(committed, dict):
+            raise ValueError("not a JSON object")
+        return committed
+    except ValueError as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ClipPruneError(f"the committed {path} (git show {spec}) cannot be read: {reason}; fix or recommit it") from None
 
 
 @click.command()
@@ -50,8 +82,10 @@ def main(params_path: str, against_git: bool, record: bool) -> None:
         click.echo(f"check failed: {f}", err=True)
     if failures:
         sys.exit(0 if record else 1)
-    click.echo(f"check passed: {prune_p.method} mean drop {drop:+.4f} vs full (max {check_p.max_drop}); "
-               f"{'compared with committed metrics' if committed else 'no committed metrics to compare'}")
+    versus = ("not compared with committed metrics (--no-against-git)" if not against_git else
+              "no regression beyond check.tolerance against the committed metrics" if committed is not None else
+              f"no {path} committed at HEAD, so no regression check: commit it to arm one")
+    click.echo(f"check passed: {prune_p.method} mean drop {drop:+.4f} vs full (max {check_p.max_drop}); {versus}")
 
 
 if __name__ == "__main__":

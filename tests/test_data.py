@@ -204,7 +204,7 @@ def test_materialise_copies_and_checks(tmp_path):
 
 
 def test_synth_through_load_dataset(tmp_path):
-    synth = pytest.importorskip("clipprune.synth")
+    from clipprune import synth  # the module under test: an import error must fail, never skip
     root = materialise("synth", dest=tmp_path / "synth", n_train=6, n_test=4, seed=0)
     ld = load_dataset("synth/size", root=root, split="test", transform=ToTensor())
     assert ld.classnames == synth.TASKS["size"]["classnames"] and ld.templates == synth.TASKS["size"]["templates"]

@@ -1,4 +1,6 @@
 """FLOPs: fvcore (with attention handles) against the analytic formula, and the matched-FLOPs solver."""
+import dataclasses
+
 import open_clip
 import pytest
 
@@ -53,13 +55,43 @@ def test_fvcore_matches_formula_on_small_models(name, cfg, keep, layer):
     assert r.full_gflops == pytest.approx(r.full_analytic, rel=0.01)
 
 
+def counted(vit, method, setting: dict) -> float:
+    """fvcore's GFLOPs of `vit` pruned with a solver's `setting`: what the model executes, not the formula."""
+    if isinstance(method, M.ToMe):
+        method, keep, layer = dataclasses.replace(method, r=setting["r"]), 1.0, 0
+    else:
+        keep, layer = setting["n_keep"] / V.num_patches(vit), setting["layer"]
+    M.prune(vit, method, keep=keep, layer=layer)
+    try:
+        return F.fvcore_gflops(vit)
+    finally:
+        V.unpatch(vit)
+
+
+def neighbours(method, setting: dict, dims) -> list[dict]:
+    """The settings one step either side: one more or one fewer kept patch, one merge more or fewer in total."""
+    if isinstance(method, M.ToMe):
+        return [{"r": setting["r"] + step / dims.depth} for step in (-1, 1)]
+    return [{**setting, "n_keep": n} for n in (setting["n_keep"] - 1, setting["n_keep"] + 1) if 1 <= n <= dims.n_patches]
+
+
+# fvcore counts what the formula leaves out (LayerNorm, 5 MACs per element): measured 0.03-0.12% on ViT-B-16.
+FORMULA_GAP = 0.003
+
+
 @pytest.mark.parametrize("name,cfg", [("random", {}), ("cls_attention", {}), ("cls_attention", {"fuse": True}), ("tome", {"r": 0})])
 def test_solver_meets_target_within_one_percent(name, cfg, vitb16):
+    """The solver's setting, counted by fvcore on the pruned model: within 1% of the target (the README's claim),
+    its stated GFLOPs are what the model costs, and no neighbouring setting comes closer."""
     dims = V.ViTDims.of(vitb16)
     for target in (9.0, 12.25, 15.0):
-        s = F.match_setting(dims, M.build_method(name, **cfg), target_gflops=target, layer=3)
-        assert abs(s["gflops"] - target) / target <= 0.01
-        assert s["rel_error"] == pytest.approx(abs(s["gflops"] - target) / target)
+        method = M.build_method(name, **cfg)
+        s = F.match_setting(dims, method, target_gflops=target, layer=3)
+        got = counted(vitb16, method, s)
+        assert abs(got - target) / target <= 0.01, (s, got)
+        assert s["gflops"] == pytest.approx(got, rel=FORMULA_GAP)
+        for other in neighbours(method, s, dims):
+            assert abs(got - target) <= abs(counted(vitb16, method, other) - target) + FORMULA_GAP * target, (s, other)
 
 
 def test_solver_refuses_unreachable_targets(vitb16):

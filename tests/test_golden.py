@@ -148,43 +148,148 @@ def test_bad_search_settings():
         GoldenSearch(model, SearchConfig(layer=1, score="label"), classifier=[torch.randn(32, 3), torch.randn(32, 4)])
 
 
-def worker(out, n=16, slow_from=10**9, nproc=1):
+def worker(out, n=16, nproc=1, **flags):
+    """The worker as a process (under torchrun when nproc > 1); flags as in golden_worker.py (slow_from=8, ...)."""
     env = {**os.environ, "PYTHONPATH": str(WORKER.parent.parent), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, str(WORKER)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29533", str(WORKER)]
-    return subprocess.Popen([*cmd, str(out), str(n), str(slow_from)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+    return subprocess.Popen([*cmd, str(out), str(n), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(p):
+def finish(p, code=0):
     out, err = p.communicate(timeout=240)
-    assert p.returncode == 0, err[-3000:]
+    assert p.returncode == code, err[-3000:]
 
 
-def test_resume_after_sigkill_is_byte_identical(tmp_path):
-    finish(worker(tmp_path / "clean.pt"))
+def loaded(log: Path) -> dict[int, list[int]]:
+    """{rank: images it loaded, in order} from the worker's --record files."""
+    out = {}
+    for f in sorted(log.parent.glob(log.name + ".*")):
+        if not f.name.removeprefix(log.name + ".").isdigit():
+            continue  # not a record (the output beside it)
+        pairs = [tuple(map(int, l.split())) for l in f.read_text().splitlines()]
+        for rank, i in pairs:
+            out.setdefault(rank, []).append(i)
+    return out
+
+
+def shard_ids(shards: Path) -> list[int]:
+    """Finished shards: files under their final name (a write in progress has a temp name)."""
+    return sorted(int(p.name.split("-")[1]) for p in shards.glob("shard-*.pt"))
+
+
+SHARD = 4  # the worker's shard_size
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """One uninterrupted single-process run of the worker (16 images, 4 shards), every image loaded once."""
+    path = tmp_path_factory.mktemp("clean") / "clean.pt"
+    finish(worker(path, record=path.with_suffix(".log")))
+    assert loaded(path.with_suffix(".log")) == {0: list(range(16))}
+    return path
+
+
+def test_resume_after_sigkill_reuses_finished_shards_and_is_byte_identical(tmp_path, clean):
     killed = tmp_path / "killed.pt"
-    p = worker(killed, slow_from=8)  # shards 0 and 1 (images 0..7) are fast, then it crawls
+    p = worker(killed, slow_from=8, record=tmp_path / "first")  # shards 0 and 1 (images 0..7) are fast, then it crawls
     shards = killed.with_name(killed.name + ".shards")
     deadline = time.time() + 120
-    while len(list(shards.glob("shard-*.pt"))) < 2 and time.time() < deadline:
+    while len(shard_ids(shards)) < 2 and time.time() < deadline:
         time.sleep(0.1)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not killed.exists() and len(list(shards.glob("shard-*.pt"))) >= 2
-    finish(worker(killed))
-    assert killed.read_bytes() == (tmp_path / "clean.pt").read_bytes()
+    done = shard_ids(shards)
+    assert not killed.exists() and 2 <= len(done) < 4
+    finish(worker(killed, record=tmp_path / "rerun"))
+    # The rerun loads (so searches) exactly the images of the shards that were not finished, each once.
+    assert loaded(tmp_path / "rerun") == {0: [i for i in range(16) if i // SHARD not in done]}
+    assert killed.read_bytes() == clean.read_bytes()
     assert not shards.exists()
 
 
-def test_two_processes_equal_one(tmp_path):
-    finish(worker(tmp_path / "one.pt", n=14))  # 14 images: the last shard is partial
-    finish(worker(tmp_path / "two.pt", n=14, nproc=2))
+def test_a_kill_during_a_shard_write_leaves_nothing_a_rerun_trusts(tmp_path, clean):
+    """The process dies in the middle of writing shard 2 (after shards 0 and 1 are written): the rerun must not
+    take the half-written shard for a finished one, and must recompute it (and only the unfinished shards)."""
+    out = tmp_path / "torn.pt"
+    finish(worker(out, record=tmp_path / "first", die_writing_from=2 * SHARD), code=-signal.SIGXFSZ)
+    assert loaded(tmp_path / "first") == {0: list(range(3 * SHARD))}  # it died after searching shard 2, writing it
+    finish(worker(out, record=tmp_path / "rerun"))
+    assert loaded(tmp_path / "rerun") == {0: list(range(2 * SHARD, 16))}
+    assert out.read_bytes() == clean.read_bytes()
+
+
+def test_two_processes_split_the_work_and_equal_one(tmp_path):
+    """Under torchrun with 2 processes every shard is searched by exactly one of them, both work, and the file
+    is byte-identical to one process's."""
+    finish(worker(tmp_path / "one.pt", n=14, record=tmp_path / "one"))  # 14 images: the last shard is partial
+    finish(worker(tmp_path / "two.pt", n=14, nproc=2, record=tmp_path / "two"))
+    assert loaded(tmp_path / "one") == {0: list(range(14))}
+    by_rank = loaded(tmp_path / "two")
+    assert sorted(by_rank) == [0, 1] and sorted(i for imgs in by_rank.values() for i in imgs) == list(range(14))
+    owners = {s: {r for r, imgs in by_rank.items() for i in imgs if i // SHARD == s} for s in range(4)}
+    assert all(len(o) == 1 for o in owners.values()), owners
     assert (tmp_path / "two.pt").read_bytes() == (tmp_path / "one.pt").read_bytes()
     r = load_ranking(tmp_path / "one.pt")
     assert r.patch_order.shape == (14, 16) and r.meta["search"]["score"] == "label"
     assert sorted(r.patch_order[0].tolist()) == list(range(16))
+
+
+class Crash(Exception):
+    pass
+
+
+class Counted(torch.utils.data.Dataset):
+    """8 fixed images; records what the search loads, and raises at `crash_at` (a run that dies midway)."""
+
+    def __init__(self, crash_at=None):
+        self.x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+        self.crash_at, self.seen = crash_at, []
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == self.crash_at:
+            raise Crash
+        self.seen.append(i)
+        return self.x[i], i % 3
+
+
+BASE = dict(cfg=SearchConfig(layer=1, per_round=4, score="label"), meta={"model": "tiny", "model_digest": "a"}, seed=0, head=3)
+OTHER = {"score": {"cfg": SearchConfig(layer=1, per_round=4, score="max")},
+         "unit": {"cfg": SearchConfig(layer=1, unit=2, per_round=4, score="label")},
+         "layer": {"cfg": SearchConfig(layer=2, per_round=4, score="label")},
+         "per_round": {"cfg": SearchConfig(layer=1, per_round=2, score="label")},
+         "budget": {"cfg": SearchConfig(layer=1, per_round=4, budget=0.5, score="label")},
+         "model digest": {"meta": {"model": "tiny", "model_digest": "b"}},
+         "weights, same meta": {"seed": 1},
+         "classifier, same meta": {"head": 4}}
+
+
+def search_run(tmp_path, dataset, *, cfg, meta, seed, head):
+    classifier = F.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(head)), dim=0)
+    return run_search(model=tiny_clip(seed=seed), dataset=dataset, cfg=cfg, out_path=tmp_path / "r.pt", meta=meta,
+                      classifier=classifier, batch_size=2, shard_size=2, progress=False)
+
+
+@pytest.mark.parametrize("changed", ["nothing", *OTHER])
+def test_shards_of_another_setting_are_never_reused(tmp_path, changed):
+    """A run dies after 2 of 4 shards; the rerun reuses them only if nothing they depend on changed."""
+    with pytest.raises(Crash):
+        search_run(tmp_path, Counted(crash_at=4), **BASE)
+    assert len(list((tmp_path / "r.pt.shards").glob("shard-*.pt"))) == 2
+    setting = {**BASE, **OTHER.get(changed, {})}
+    rerun = Counted()
+    search_run(tmp_path, rerun, **setting)
+    assert rerun.seen == ([4, 5, 6, 7] if changed == "nothing" else list(range(8)))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    search_run(fresh, Counted(), **setting)
+    assert (tmp_path / "r.pt").read_bytes() == (fresh / "r.pt").read_bytes()
 
 
 def test_load_ranking_errors(tmp_path):
