@@ -1,4 +1,5 @@
-"""golden: Golden Ranking of the train and test images (Phase I); shard it with torchrun -m stages.golden."""
+"""golden: Golden Ranking of the train and test images (Phase I); sharded by `python -m stages.launch golden`
+(or torchrun -m stages.golden)."""
 import click
 import torch
 
