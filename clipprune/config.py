@@ -184,7 +184,9 @@ FEWSHOT = ("per_class", "dassl")  # per_class: a generator per (seed, class) | d
 @dataclass
 class TuneParams(Section):
     RULES = {"visual_tokens": at_least(0), "text_ctx": at_least(0), "shots": at_least(1), "epochs": at_least(1),
-             "lr": at_least(0), "batch_size": at_least(1), "seed": at_least(0)}
+             "lr": at_least(0), "batch_size": at_least(1), "seed": at_least(0), "augment": one_of(lambda: AUGMENTS),
+             "warmup_epochs": at_least(0), "warmup_lr": at_least(0), "schedule": one_of(lambda: SCHEDULES),
+             "weight_decay": at_least(0), "fewshot": one_of(lambda: FEWSHOT)}
     visual_tokens: int = 4  # learnable visual tokens appended after the pruning point (0: none)
     deep: bool = False  # deep: a fresh set at every block from the pruning layer on
     text_ctx: int = 4  # learnable text context vectors (0: keep the hand-written templates)
@@ -201,13 +203,6 @@ class TuneParams(Section):
     schedule: str = "cosine"  # cosine | dassl (see SCHEDULES)
     weight_decay: float = 0.0  # SGD weight decay (Dassl's default is 5e-4)
     fewshot: str = "per_class"  # per_class | dassl (see FEWSHOT)
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("augment", AUGMENTS), ("schedule", SCHEDULES), ("fewshot", FEWSHOT)):
-            if getattr(self, key) not in allowed:
-                raise ClipPruneError(f"params: 'tune.{key}' must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if self.warmup_epochs < 0:
-            raise ClipPruneError(f"params: 'tune.warmup_epochs' must be >= 0, got {self.warmup_epochs}")
 
 
 @dataclass

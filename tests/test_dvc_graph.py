@@ -10,12 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-def stage_module(cmd: str) -> str:
-    """The stages.<name> module a dvc.yaml cmd runs (python -m, torchrun -m or a launcher naming it)."""
-    words = cmd.replace("=", " ").split()
-    found = [w for w in words if w.startswith("stages.") and w != "stages.launch"]
+def stage_modules(cmd: str) -> list[str]:
+    """The stages modules a dvc.yaml cmd runs: `python -m stages.x`, or `python -m stages.launch x` (both)."""
+    words = cmd.split()
+    found = [w for w in words if w.startswith("stages.")]
+    if found == ["stages.launch"]:
+        found.append("stages." + words[words.index("stages.launch") + 1])
     assert found, f"cannot tell which stages module {cmd!r} runs"
-    return found[0]
+    return found
 
 
 def module_file(name: str) -> Path | None:
@@ -63,7 +65,7 @@ def covered(path: Path, deps: list[str]) -> bool:
 @pytest.mark.parametrize("name", [n for n, s in STAGES.items() if "stages." in s["cmd"]])
 def test_stage_deps_cover_every_module_it_imports(name):
     stage = STAGES[name]
-    files = closure(stage_module(stage["cmd"]))
+    files = set().union(*(closure(m) for m in stage_modules(stage["cmd"])))
     if ROOT / "clipprune" / "model.py" in files:
         files.add(ROOT / "clipprune" / "model_configs")  # package data model.py registers with open_clip
     missing = sorted(str(f.relative_to(ROOT)) for f in files if not covered(f, stage.get("deps", [])))
@@ -91,7 +93,7 @@ def loaded_sections(path: Path) -> set[str]:
 def test_stage_reads_only_params_it_declares(name):
     stage = STAGES[name]
     declared = {p.split(".")[0] for p in stage.get("params", []) if isinstance(p, str)}
-    read = loaded_sections(module_file(stage_module(stage["cmd"])))
+    read = set().union(*(loaded_sections(module_file(m)) for m in stage_modules(stage["cmd"])))
     assert read <= declared, f"stage {name!r} reads params sections {sorted(read - declared)} that dvc.yaml does not declare"
 
 

@@ -485,9 +485,9 @@ def test_crop_flip_is_dasslss_train_transform_and_never_touches_evaluation():
 def test_recipe_params_are_validated_before_any_work(tmp_path):
     from clipprune import config
 
-    for key, value, msg in (("augment", "crop", "'tune.augment' must be one of none, crop_flip"),
-                            ("schedule", "step", "'tune.schedule' must be one of cosine, dassl"),
-                            ("fewshot", "random", "'tune.fewshot' must be one of per_class, dassl"),
+    for key, value, msg in (("augment", "crop", "'tune.augment' must be one of: none, crop_flip"),
+                            ("schedule", "step", "'tune.schedule' must be one of: cosine, dassl"),
+                            ("fewshot", "random", "'tune.fewshot' must be one of: per_class, dassl"),
                             ("warmup_epochs", -1, "'tune.warmup_epochs' must be >= 0")):
         with pytest.raises(ClipPruneError, match=msg):
             config.section({"tune": {key: value}}, "tune")
