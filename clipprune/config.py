@@ -142,11 +142,16 @@ class PruneParams(Section):
     method: str = "predictor+tokens"  # the method the accuracy gate judges
 
 
+# first: the first n_train train images | stratified: n_train drawn per class with data.seed (CoOp/ImageNet train
+# lists are sorted by class: ImageNet's first 100,000 images cover 78 of its 1,000 classes).
+TRAIN_SAMPLES = ("first", "stratified")
+
+
 @dataclass
 class GoldenParams(Section):
     RULES = {"score": one_of(_golden_scores), "unit": at_least(1), "per_round": at_least(0),
              "budget": between(0, 1, lo_open=True), "n_train": at_least(1), "batch_size": at_least(1),
-             "shard_size": at_least(1), "chunk_tokens": at_least(1)}
+             "shard_size": at_least(1), "chunk_tokens": at_least(1), "train_sample": one_of(lambda: TRAIN_SAMPLES)}
     CHECKS = [(lambda g: g.shard_size % g.batch_size == 0,
                "'golden.shard_size' must be a multiple of 'golden.batch_size' (shards hold whole batches)")]
     score: str = "similarity"  # label | max | similarity | fidelity
@@ -155,6 +160,7 @@ class GoldenParams(Section):
     budget: float = 1.0  # fraction of units ranked by search; the rest follow the last round's scores
     joint: bool = False  # synthetic tasks: rank each image once, the score summed over every task (fidelity, max)
     n_train: int = 4000  # train images ranked (predictor targets); the whole test split is ranked
+    train_sample: str = "first"  # which n_train: first (a generated world's order is random) | stratified (by class)
     batch_size: int = 32
     shard_size: int = 512
     chunk_tokens: int = 4096  # tokens per candidate batch (cache-sized is fastest on CPU; raise on GPU)

@@ -359,6 +359,31 @@ def verify_wds(root: str | Path, *, split: str) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # staging: nothing half-written ever becomes a DVC output
 
+def stratified_indices(labels: Sequence[int], n: int, *, seed: int) -> list[int]:
+    """`n` of the indices of `labels`, each class's share proportional to its size, sorted.
+
+    Quotas: floor(n * count / N) per class, the remaining ones to the largest remainders (ties: lower class).
+    Within a class, the first `quota` of a permutation from a generator seeded by (seed, class). Every index
+    when n >= N. Independent of the order of `labels` (CoOp test lists are sorted by class; a prefix is not).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    total = len(labels)
+    if n < 1:
+        raise DataError(f"a subset of {n} images: the number must be >= 1 (eval.sweep_images, golden.n_train)")
+    if n >= total:
+        return list(range(total))
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * n / total
+    quota = np.floor(exact).astype(np.int64)
+    for i in sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]), classes[i]))[: n - int(quota.sum())]:
+        quota[i] += 1
+    picked: list[int] = []
+    for c, q in zip(classes.tolist(), quota.tolist()):
+        idx = np.flatnonzero(labels == c)
+        picked.extend(idx[np.random.default_rng([seed, c]).permutation(len(idx))[:q]].tolist())
+    return sorted(picked)
+
+
 def staged_copy(source: Path, dest: Path, *, check) -> Path:
     """Copy `source` to `dest` through `dest.partial`, run `check(partial)`, then rename into place:
     a layout that does not load never becomes a DVC output, and a failed copy leaves nothing behind."""

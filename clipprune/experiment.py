@@ -21,6 +21,7 @@ import numpy as np
 
 from . import vit as V
 from .config import EVAL_ROWS, DataParams, EvalParams, GoldenParams, ModelParams, PredictorParams, PruneParams
+from .data import dataset_labels, stratified_indices
 from .errors import ClipPruneError
 from .flops import analytic_gflops, match_setting
 from .methods import Method, build_method
@@ -131,31 +132,6 @@ def digest(indices: Sequence[int]) -> str:
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def stratified_indices(labels: Sequence[int], n: int, *, seed: int) -> list[int]:
-    """`n` of the indices of `labels`, each class's share proportional to its size, sorted.
-
-    Quotas: floor(n * count / N) per class, the remaining ones to the largest remainders (ties: lower class).
-    Within a class, the first `quota` of a permutation from a generator seeded by (seed, class). Every index
-    when n >= N. Independent of the order of `labels` (CoOp test lists are sorted by class; a prefix is not).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    total = len(labels)
-    if n < 1:
-        raise ClipPruneError(f"a subset of {n} images: the number must be >= 1 (eval.sweep_images)")
-    if n >= total:
-        return list(range(total))
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * n / total
-    quota = np.floor(exact).astype(np.int64)
-    for i in sorted(range(len(classes)), key=lambda i: (-(exact[i] - quota[i]), classes[i]))[: n - int(quota.sum())]:
-        quota[i] += 1
-    picked: list[int] = []
-    for c, q in zip(classes.tolist(), quota.tolist()):
-        idx = np.flatnonzero(labels == c)
-        picked.extend(idx[np.random.default_rng([seed, c]).permutation(len(idx))[:q]].tolist())
-    return sorted(picked)
-
-
 def ranked_test_set(dataset: str, *, data: DataParams, transform=None):
     """(loaded dataset, map-style test set) restricted to the first data.n_test images: those the golden stage
     ranks, so a ranking's row i is this set's image i."""
@@ -173,8 +149,6 @@ def ranked_test_set(dataset: str, *, data: DataParams, transform=None):
 
 def sweep_indices(dataset: str, *, data: DataParams, n: int) -> list[int]:
     """The sweep's images of `dataset`: n of the ranked test images, class-stratified, drawn with data.seed."""
-    from .data import dataset_labels
-
     _, test = ranked_test_set(dataset, data=data)
     return stratified_indices(dataset_labels(test), n, seed=data.seed)
 

@@ -89,6 +89,19 @@ def file_digest(path: str | Path, *, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def ranked_indices(dataset, cap: int, *, sample: str, seed: int) -> list[int] | None:
+    """Which images of `dataset` the golden stage ranks when `cap` is below its size (None: all of them, in order):
+    the first `cap`, or `cap` drawn per class (golden.train_sample: CoOp and ImageNet train lists are sorted by
+    class, so a prefix would rank a few classes only)."""
+    from .data import dataset_labels, stratified_indices
+
+    if cap >= len(dataset):
+        return None
+    if sample == "stratified":
+        return stratified_indices(dataset_labels(dataset), cap, seed=seed)
+    return list(range(cap))
+
+
 def dataset_fingerprint(name: str, split: str, dataset) -> str:
     """Cheap identity of a dataset as the model sees it: name, split, size, first and last images."""
     h = hashlib.sha256(f"{name}|{split}|{len(dataset)}".encode())

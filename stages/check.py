@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 
 from clipprune import config, report
-from clipprune.runner import params_opt, run
 from clipprune.errors import ClipPruneError
 from clipprune.io import write_json_atomic
 from clipprune.pipeline import REPORTS
+from clipprune.runner import params_opt, run
 
 
 def git(*args: str) -> subprocess.CompletedProcess:

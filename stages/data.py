@@ -10,10 +10,10 @@ import dataclasses
 import click
 
 from clipprune import config, prereq
-from clipprune.runner import params_opt, run
 from clipprune.data import materialise, staged_dir
 from clipprune.io import check_writable
 from clipprune.pipeline import dataset_root
+from clipprune.runner import params_opt, run
 
 
 @click.command()

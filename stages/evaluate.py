@@ -3,11 +3,11 @@ import click
 from tqdm import tqdm
 
 from clipprune import config
-from clipprune.runner import params_opt, run
 from clipprune.dist import barrier, device, init_from_env, my_share, shutdown
 from clipprune.experiment import eval_labels, evaluate_setup, setups_for
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report, safe_name
+from clipprune.runner import params_opt, run
 from clipprune.zeroshot import result_record
 
 

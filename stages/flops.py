@@ -3,12 +3,12 @@ import click
 
 from clipprune import config
 from clipprune import vit as V
-from clipprune.runner import params_opt, run
 from clipprune.experiment import eval_labels, setup_gflops, setups_for
 from clipprune.flops import CONVENTION, fvcore_gflops
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.methods import build_method, prune
 from clipprune.pipeline import REPORTS, load_clip
+from clipprune.runner import params_opt, run
 
 
 def fvcore_of(setup, model) -> float:

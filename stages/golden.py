@@ -4,13 +4,13 @@ import click
 import torch
 
 from clipprune import config
-from clipprune.runner import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device, init_from_env, shutdown
 from clipprune.golden import NEEDS_CLASSIFIER, SearchConfig, load_ranking, run_search
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import (CLIP_CKPT, RANKINGS, REPORTS, dataset_fingerprint, dataset_root, file_digest, load_clip,
-                                ranking_groups, ranking_path)
+                                ranked_indices, ranking_groups, ranking_path)
+from clipprune.runner import params_opt, run
 from clipprune.synth import TASKS
 from clipprune.zeroshot import classifier_weights
 
@@ -27,7 +27,8 @@ def summary(path) -> dict:
 @params_opt
 @click.option("--progress/--no-progress", default=True, help="tqdm progress bars.")
 def main(params_path: str, progress: bool) -> None:
-    """Rank every patch of the first golden.n_train train images and of the whole test split.
+    """Rank every patch of golden.n_train train images (the first, or a class-stratified sample: golden.train_sample)
+    and of the first data.n_test test images (those evaluated).
 
     Resumable: shards land in rankings/<key>-<split>.pt.shards/ and a rerun skips the finished ones.
     """
@@ -48,10 +49,14 @@ def main(params_path: str, progress: bool) -> None:
             ds = load_dataset(name, root=dataset_root(data, name), split=split, transform=preprocess)
             dataset = ds.indexable()
             cap = golden.n_train if split == "train" else data.n_test  # test: exactly the images evaluated
-            if cap < len(dataset):
-                dataset = torch.utils.data.Subset(dataset, range(cap))
+            indices = ranked_indices(dataset, cap, sample=golden.train_sample if split == "train" else "first",
+                                     seed=data.seed)
+            if indices is not None:
+                dataset = torch.utils.data.Subset(dataset, indices)
             meta = {"model": model.arch, "model_digest": file_digest(CLIP_CKPT), "dataset": name, "split": split,
                     "fingerprint": dataset_fingerprint(name, split, dataset)}
+            if indices is not None and golden.train_sample == "stratified" and split == "train":
+                meta["indices"] = indices  # which train images row i ranks: the predictor stage reads them
             if golden.score in NEEDS_CLASSIFIER and tasks:
                 meta["tasks"] = tasks
             if golden.score in NEEDS_CLASSIFIER and classifier is None:

@@ -3,14 +3,16 @@ import click
 import torch
 
 from clipprune import config
-from clipprune.runner import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device
+from clipprune.errors import ClipPruneError
 from clipprune.experiment import predictor_path
 from clipprune.golden import load_ranking
 from clipprune.io import check_writable, write_json_atomic
-from clipprune.pipeline import MODELS, REPORTS, dataset_root, load_clip, ranking_groups, ranking_path
+from clipprune.pipeline import (MODELS, REPORTS, dataset_fingerprint, dataset_root, load_clip, ranking_groups,
+                                ranking_path)
 from clipprune.predictor import save_predictor, train_predictor
+from clipprune.runner import params_opt, run
 from clipprune.vit import num_patches
 
 
@@ -30,9 +32,15 @@ def main(params_path: str) -> None:
         root = dataset_root(data, name)
         train = load_dataset(name, root=root, split="train", transform=preprocess).indexable()
         test = load_dataset(name, root=root, split="test", transform=preprocess).indexable()
-        # Both rankings cover a prefix of their split (golden.n_train train images, data.n_test test images).
-        train = torch.utils.data.Subset(train, range(len(train_rank.labels)))
+        # The rankings' images: the train ones the golden stage chose (its meta lists a stratified sample; else
+        # the first golden.n_train), the first data.n_test test ones. Checked: a ranking must never be paired
+        # with other images than it ranked (a silently misaligned target still trains, on noise).
+        train = torch.utils.data.Subset(train, train_rank.meta.get("indices", range(len(train_rank.labels))))
         test = torch.utils.data.Subset(test, range(min(len(test), len(test_rank.labels))))
+        for split, subset, r in (("train", train, train_rank), ("test", test, test_rank)):
+            if "fingerprint" in r.meta and dataset_fingerprint(name, split, subset) != r.meta["fingerprint"]:
+                raise ClipPruneError(f"{ranking_path(key, split)} ranks other {split} images than {name} has now; "
+                                     f"rerun the golden stage (dvc repro golden)")
         predictor, history = train_predictor(
             model=model, dataset=train, ranking=train_rank, layer=prune_p.layer, keep=prune_p.keep, loss=pred.loss,
             epochs=pred.epochs, lr=pred.lr, weight_decay=pred.weight_decay, batch_size=pred.batch_size, d=pred.d,

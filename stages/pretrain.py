@@ -2,9 +2,9 @@
 import click
 
 from clipprune import config
-from clipprune.runner import params_opt, run
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import CLIP_CKPT, REPORTS, dataset_root
+from clipprune.runner import params_opt, run
 
 
 @click.command()

@@ -4,10 +4,10 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from clipprune import config, report
-from clipprune.runner import params_opt, run
 from clipprune.experiment import eval_labels
 from clipprune.io import check_writable, write_bytes_atomic, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report
+from clipprune.runner import params_opt, run
 
 # What dvc.yaml's report stage declares under params, and all that summary.md shows.
 DECLARED = ("data", "model", "prune", "golden", "eval", "predictor.transfer_from")

@@ -4,11 +4,11 @@ from tqdm import tqdm
 
 from clipprune import config
 from clipprune import vit as V
-from clipprune.runner import params_opt, run
 from clipprune.dist import device, gather, init_from_env, my_share, shutdown
 from clipprune.experiment import digest, evaluate_setup, setup_gflops, setups_for, sweep_indices
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import REPORTS, load_clip
+from clipprune.runner import params_opt, run
 
 
 @click.command()

@@ -3,7 +3,6 @@ unpruned reference of the same tuning, on the full CLIP; only the learned tensor
 import click
 
 from clipprune import config
-from clipprune.runner import params_opt, run
 from clipprune.data import load_dataset
 from clipprune.dist import device
 from clipprune.experiment import predictor_path, tokens_path
@@ -11,6 +10,7 @@ from clipprune.io import check_writable, write_json_atomic
 from clipprune.methods import build_method
 from clipprune.pipeline import MODELS, REPORTS, dataset_root, group_of, load_clip, safe_name
 from clipprune.prompts import train_transform, tune
+from clipprune.runner import params_opt, run
 
 
 @click.command()

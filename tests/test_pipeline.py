@@ -13,7 +13,8 @@ from clipprune import methods as M
 from clipprune import vit as V
 from clipprune.errors import ClipPruneError
 from clipprune.data import dataset_labels, load_dataset
-from clipprune.experiment import Setup, digest, eval_loader, stratified_indices
+from clipprune.data import stratified_indices
+from clipprune.experiment import Setup, digest, eval_loader
 from clipprune.golden import FORMAT as RANKING_FORMAT
 from clipprune.pipeline import ranking_groups
 from conftest import run_every_stage, tiny_clip
@@ -150,10 +151,16 @@ def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert params["golden"]["joint"] and params["golden"]["score"] == "fidelity"
     params["data"].update(datasets=["synth/shape", "synth/size"], n_train=64, n_test=6)  # two tasks: joint, and fast
+    params["golden"]["train_sample"] = "stratified"  # the paper profile's choice (the default's "first" runs in CI)
     params["predictor"]["transfer_from"] = "synth/shape"
     run_every_stage(params, tmp_path, n_ranked=4)
     assert sorted(p.name for p in (tmp_path / "rankings").glob("*.pt")) == ["synth-test.pt", "synth-train.pt"]
     test_ranking = torch.load(tmp_path / "rankings" / "synth-test.pt")
+    # golden.train_sample: stratified ranks 4 train images drawn per class with data.seed, and says which; the
+    # predictor stage trained on exactly those (it checks the ranking's fingerprint against the images it pairs).
+    train_ranking = torch.load(tmp_path / "rankings" / "synth-train.pt")
+    shape = dataset_labels(load_dataset("synth/shape", root=tmp_path / params["data"]["root"], split="train").dataset)
+    assert train_ranking["meta"]["indices"] == stratified_indices(shape, 4, seed=params["data"]["seed"]) != [0, 1, 2, 3]
     assert test_ranking["meta"]["tasks"] == params["data"]["datasets"] and len(test_ranking["patch_order"]) == 6
     assert [p.name for p in (tmp_path / "models" / "predictors").iterdir()] == ["synth.pt"]
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
