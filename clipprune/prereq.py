@@ -98,11 +98,11 @@ def check(data: DataParams) -> tuple[list[Plan], list[str]]:
             if found is not None:
                 plans.append(Plan(name, *found))
             elif not src.steps:
-                problems.append(f"{name}: not found in data.source ({source}) nor data.cache ({cache}) and it cannot "
+                problems.append(f"{name}: not found in data.source ({data.source}) nor data.cache ({cache}) and it cannot "
                                 f"be downloaded; place it there by hand: {src.howto} (DATA = {source or cache})")
                 plans.append(Plan(name, "missing"))
             elif not data.download:
-                problems.append(f"{name}: not found in data.source ({source}) nor data.cache ({cache}), and "
+                problems.append(f"{name}: not found in data.source ({data.source}) nor data.cache ({cache}), and "
                                 f"data.download is false; set download: true (needs network) or {src.howto} "
                                 f"(DATA = {source or cache})")
                 plans.append(Plan(name, "missing"))

@@ -27,7 +27,9 @@ def run(command: click.Command, args: list[str] | None = None) -> None:
         click.echo(f"error: {one_line(e.format_message())}", err=True)
         sys.exit(2)
     except ClipPruneError as e:
-        click.echo(f"error: {one_line(str(e))}", err=True)
+        # One line; a list of separate problems (the data prerequisites) raised as one error: one line each.
+        lines = [one_line(line) for line in str(e).split("\n") if line.strip()] or [type(e).__name__]
+        click.echo("\n".join([f"error: {lines[0]}", *(f"  {line}" for line in lines[1:])]), err=True)
         sys.exit(2)
 
 
