@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# `make test`: the quick suite (about 5 minutes on 2 cores); `make test-all`, which CI runs, adds the slow tests.
+# `make test`: the quick suite (about 5 minutes on 2 cores); `make test-all` adds the slow tests (CI also sets
+# CLIPPRUNE_SMOKE=1, which adds the paper profile's smoke run).
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
@@ -35,7 +36,8 @@ repro: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# The paper profile end to end on random ViT-B-16 weights and a tiny generated CoOp layout (~2 min, CPU).
+# The paper profile end to end: random ViT-B-16-quickgelu weights from a .bin, two CoOp datasets laid out from the
+# real split files and staged from one root, dvc.yaml's own commands (~5 min on 2 CPU cores).
 .PHONY: smoke-paper paper
 smoke-paper: $(STAMP)
 	CLIPPRUNE_SMOKE=1 $(BIN)/python -m pytest tests/test_paper_smoke.py

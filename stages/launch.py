@@ -20,6 +20,10 @@ SHARDED = ("golden", "evaluate", "sweep")
 def main(argv: list[str]) -> int:
     from clipprune.dist import NPROC_ENV, n_gpus, nproc_per_node, usable_cpus
 
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        print(f"\nStages: {', '.join(SHARDED)}; each one's own options: python -m stages.<stage> --help")
+        return 0
     if not argv or argv[0] not in SHARDED:
         raise ClipPruneError(f"usage: python -m stages.launch {{{','.join(SHARDED)}}} [stage options]")
     stage, args = argv[0], argv[1:]
