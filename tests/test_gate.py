@@ -1,7 +1,6 @@
 """The accuracy gate against the committed metrics, as CI runs it: `python -m stages.check` in a real git repository
 whose HEAD holds reports/metrics.json, with a new reports/metrics.json written over it."""
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """Golden search: the fast engine equals a brute-force reference; resumable; 2 processes equal 1."""
 import os
-import shutil
 import signal
 import subprocess
 import sys
