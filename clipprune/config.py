@@ -63,6 +63,12 @@ def _predictor_losses():
     return tuple(LOSSES)
 
 
+def _precisions():
+    from .precision import PRECISIONS
+
+    return PRECISIONS
+
+
 def _dataset_ok(name: str) -> bool:
     """synth/<task> must name a task of the generated world; other sources are checked by the data stage."""
     if not name.startswith("synth"):
@@ -226,6 +232,16 @@ class EvalParams(Section):
 
 
 @dataclass
+class ComputeParams(Section):
+    """How the stages run, not what they compute: precision changes results (declared in dvc.yaml); workers do not
+    (images arrive in the same order for any count, tested), so changing them reruns nothing."""
+
+    RULES = {"precision": one_of(_precisions), "workers": at_least(0)}
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 | auto (clipprune/precision.py says what each does)
+    workers: int = 0  # DataLoader worker processes decoding images (0: in the main process)
+
+
+@dataclass
 class CheckParams(Section):
     RULES = {"max_drop": at_least(0), "tolerance": at_least(0)}
     max_drop: float = 0.05  # fail when mean acc1 of prune.method is more than this below full
@@ -234,7 +250,7 @@ class CheckParams(Section):
 
 SECTIONS: dict[str, type] = {"data": DataParams, "model": ModelParams, "pretrain": PretrainParams, "prune": PruneParams,
                              "golden": GoldenParams, "predictor": PredictorParams, "tune": TuneParams,
-                             "eval": EvalParams, "check": CheckParams}
+                             "eval": EvalParams, "compute": ComputeParams, "check": CheckParams}
 
 
 def _check_type(value: Any, tp: Any) -> bool:
