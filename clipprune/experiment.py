@@ -20,7 +20,8 @@ from typing import Optional
 import numpy as np
 
 from . import vit as V
-from .config import EVAL_ROWS, DataParams, EvalParams, GoldenParams, ModelParams, PredictorParams, PruneParams
+from .config import (EVAL_ROWS, ComputeParams, DataParams, EvalParams, GoldenParams, ModelParams, PredictorParams,
+                     PruneParams)
 from .data import dataset_labels, stratified_indices
 from .errors import ClipPruneError
 from .flops import analytic_gflops, match_setting
@@ -153,50 +154,19 @@ def sweep_indices(dataset: str, *, data: DataParams, n: int) -> list[int]:
     return stratified_indices(dataset_labels(test), n, seed=data.seed)
 
 
-def eval_loader(setup: Setup, test, *, indices: Optional[Sequence[int]] = None, batch_size: int,
-                n_patches: Optional[int] = None):
-    """A DataLoader over `test` (or its images `indices`, in that order). For a ranking row, the ranking's rows
-    are bound batch by batch, picked by the images' own (original) test indices."""
-    import torch
-
-    from .golden import load_ranking
-    from .methods import bound_batches
-
-    if indices is not None:
-        bad = [i for i in indices if not 0 <= i < len(test)]
-        if bad:
-            raise ClipPruneError(f"image index {bad[0]} is outside the {len(test)} ranked test images")
-        test = torch.utils.data.Subset(test, list(indices))
-    loader = torch.utils.data.DataLoader(test, batch_size=batch_size, shuffle=False)
-    if setup.ranking is None:
-        return loader
-    order = load_ranking(setup.ranking, n_patches=n_patches).patch_order
-    rows = order[torch.as_tensor(list(indices), dtype=torch.long)] if indices is not None else order[:len(test)]
-    return bound_batches(loader, setup.method, rows)
-
-
-def evaluate_setup(setup: Setup, *, dataset: str, data: DataParams, model_params: ModelParams, eval_params: EvalParams,
-                   indices: Optional[Sequence[int]] = None, device: str = "cpu") -> dict:
-    """acc1/acc5/mean-per-class recall of one row on the test split (the first data.n_test images, or those of
-    them at `indices`), through clip_benchmark's evaluate."""
-    from .methods import prune
+def evaluate_dataset(setups: dict[str, Setup], *, dataset: str, data: DataParams, model_params: ModelParams,
+                     eval_params: EvalParams, compute: Optional[ComputeParams] = None,
+                     indices: Optional[Sequence[int]] = None, device: str = "cpu", clip: Optional[tuple] = None) -> dict:
+    """acc1/acc5/mean-per-class recall (and per-image top-1 correctness) of every row on the test split (the first
+    data.n_test images, or those of them at `indices`): the model loaded, the images decoded and the templates'
+    classifier built once for all rows (clipprune.evaluator). `clip`: (model, preprocess, tokenizer) already loaded
+    on `device`, reused across datasets (evaluation leaves the model as it found it)."""
+    from .evaluator import evaluate_rows
     from .pipeline import load_clip
-    from .zeroshot import classifier_weights, evaluate
 
-    model, preprocess, tokenizer = load_clip(model_params, device=device)
+    compute = compute or ComputeParams()
+    model, preprocess, tokenizer = clip or load_clip(model_params, device=device)
     ds, test = ranked_test_set(dataset, data=data, transform=preprocess)
-    if setup.tokens is not None:
-        from .prompts import TunedTokens
-
-        if not setup.tokens.is_file():
-            raise ClipPruneError(f"no learned tokens at {setup.tokens}: run the tune stage first (dvc repro tune)")
-        tuned = TunedTokens.load(setup.tokens)
-        tuned.apply(model, method=setup.method, keep=setup.keep, layer=setup.layer)
-        classifier = tuned.classifier(model, tokenizer, ds.classnames, templates=ds.templates)
-    else:
-        prune(model, setup.method, keep=setup.keep, layer=setup.layer)
-        classifier = classifier_weights(model, tokenizer, ds.classnames, ds.templates, device=device)
-    loader = eval_loader(setup, test, indices=indices, batch_size=eval_params.batch_size,
-                         n_patches=V.num_patches(model.visual))
-    return evaluate(model, loader, tokenizer=tokenizer, classnames=ds.classnames, templates=ds.templates,
-                    classifier=classifier, device=device)
+    return evaluate_rows(setups, model=model, tokenizer=tokenizer, test=test, classnames=ds.classnames,
+                         templates=ds.templates, batch_size=eval_params.batch_size, indices=indices,
+                         precision=compute.precision, workers=compute.workers, device=device)

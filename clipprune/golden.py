@@ -33,6 +33,8 @@ from . import vit as V
 from .dist import barrier, rank_world
 from .errors import ClipPruneError
 from .io import save_torch_atomic
+from .precision import autocast
+from .precision import resolve as resolve_precision
 
 FORMAT = "clipprune-golden-v1"
 
@@ -241,8 +243,11 @@ def tensors_digest(tensors) -> str:
 
 def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta: dict,
                classifier: Optional[Tensor | list[Tensor]] = None, batch_size: int = 32, shard_size: int = 512,
-               device: str = "cpu", progress: bool = True) -> Path:
+               device: str = "cpu", progress: bool = True, precision: str = "fp32", workers: int = 0) -> Path:
     """Golden-rank every image of a map-style dataset ((image, label) items) into one file at out_path.
+
+    `precision` (clipprune.precision) runs the search under autocast; `workers` DataLoader processes decode the
+    images, in the same order for any count (batches are cut from each shard's images in order).
 
     Shards of `shard_size` images (fixed boundaries) are written atomically to `<out>.shards/` and skipped on
     rerun, so a killed run continues where it stopped. Under torchrun, ranks take shards round-robin and
@@ -256,6 +261,9 @@ def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta:
         raise ClipPruneError("golden search got an empty dataset")
     search = GoldenSearch(model, cfg, classifier=classifier)
     searched = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "chunk_tokens"}  # a memory knob only
+    precision = resolve_precision(precision, device)
+    if precision != "fp32":  # fp32 rankings keep the bytes they had before precision was a setting
+        meta = {**meta, "precision": precision}
     meta = {"format": FORMAT, **meta, "search": searched, "n_images": n_images,
             "grid": list(search.vit.grid_size), "shard_size": shard_size, "batch_size": batch_size}
     # Shards are named by everything their content depends on: a rerun under another setting, other weights or
@@ -280,13 +288,16 @@ def run_search(*, model, dataset, cfg: SearchConfig, out_path: str | Path, meta:
             bar.update(hi - lo)
             continue
         parts = []
-        for start in range(lo, hi, batch_size):
-            items = [dataset[i] for i in range(start, min(hi, start + batch_size))]
-            images = torch.stack([it[0] for it in items]).to(device=device, dtype=search.vit.conv1.weight.dtype)
-            labels = torch.tensor([int(it[1]) for it in items], device=device)
-            res = search.search(images, labels)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(lo, hi)), batch_size=batch_size,
+                                             shuffle=False, num_workers=workers,
+                                             pin_memory=torch.device(device).type == "cuda")
+        for images, labels in loader:
+            images = images.to(device=device, dtype=search.vit.conv1.weight.dtype, non_blocking=True)
+            labels = torch.as_tensor(labels).long().to(device)
+            with autocast(precision, device):
+                res = search.search(images, labels)
             parts.append((res, labels))
-            bar.update(len(items))
+            bar.update(len(images))
         save_torch_atomic(path, {"meta_key": key, "lo": lo, "hi": hi,
                       "unit_order": torch.cat([p[0].unit_order for p in parts]).to(torch.int16).cpu(),
                       "unit_scores": torch.cat([p[0].unit_scores for p in parts]).to(torch.float32).cpu(),

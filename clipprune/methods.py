@@ -410,7 +410,7 @@ class PredictorPruning(Method):
     def selector(self, vit, *, keep: float, layer: int) -> V.Selector:
         from .predictor import constant_weights
 
-        module = self.module().eval()
+        module = self.module().eval().to(vit.conv1.weight.device)  # on the model's device: no per-batch round trip
 
         def select(x: Tensor, ctx: V.SelectContext) -> Tensor:
             p = next(module.parameters(), None)

@@ -30,6 +30,7 @@ from . import methods as M
 from . import vit as V
 from .errors import ClipPruneError
 from .io import save_torch_atomic
+from .precision import autocast, grad_scaler
 
 FORMAT = "clipprune-tokens/1"
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
@@ -425,19 +426,38 @@ def train_transform(augment: str, *, preprocess):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean=norm.mean, std=norm.std)])
 
 
+class _PerItemSeed(torch.utils.data.Dataset):
+    """Image i of epoch e is transformed under torch's RNG seeded by (seed, e, i), the caller's RNG untouched: the
+    augmentation draws are the same for any number of DataLoader workers (each would otherwise draw from its own
+    stream), and a transform without randomness gives exactly what it gave before."""
+
+    def __init__(self, items: torch.utils.data.Dataset, *, seed: int):
+        self.items, self.seed, self.epoch = items, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % (2**63))
+            return self.items[i]
+
+
 def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, classnames: Sequence[str],
          method: M.Method, keep: float, layer: int, visual: Optional[dict], text: Optional[dict], shots: int,
          epochs: int, lr: float, batch_size: int, seed: int, log_dir: Optional[str | Path] = None,
          templates: Sequence[str] = DEFAULT_TEMPLATES, optimizer: str = "sgd", momentum: float = 0.9,
          weight_decay: float = 0.0, warmup_epochs: int = 0, warmup_lr: float = 1e-5, schedule: str = "cosine",
-         fewshot: str = "per_class", device: str | torch.device = "cpu") -> TunedTokens:
+         fewshot: str = "per_class", device: str | torch.device = "cpu", precision: str = "fp32",
+         workers: int = 0) -> TunedTokens:
     """Learn visual tokens and/or text context few-shot on the frozen CLIP pruned by `method` at (keep, layer).
 
     Loss: cross-entropy of logit_scale.exp() * normalised image features @ classifier (from the text context,
     else fixed from `templates`). Deterministic for a seed (it seeds torch's global RNG for the transforms).
     The shots are drawn by data.few_shot_indices(mode=fewshot); the lr follows `schedule` ("cosine": lr_at, per
     step; "dassl": dassl_lr_at, per epoch), after `warmup_epochs` at warmup_lr. Augmentation is the train_set's
-    transform (see train_transform).
+    transform (see train_transform), drawn per image from (seed, epoch, index), so `workers` DataLoader processes
+    change nothing. `precision`: clipprune.precision (fp16 on CUDA with a loss scaler).
     Moves `model` to `device`; leaves it unpatched, with its requires_grad flags and train/eval modes as they were.
     """
     from tqdm import tqdm
@@ -470,8 +490,10 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
     if not params:
         raise ClipPruneError("tune: nothing to learn: set visual.n > 0 or give text options")
     idx = few_shot_indices(dataset_labels(train_set), shots=shots, seed=seed, mode=fewshot)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, idx), batch_size=batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(seed))
+    shots_set = _PerItemSeed(torch.utils.data.Subset(train_set, idx), seed=seed)
+    loader = torch.utils.data.DataLoader(shots_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
+    scaler = grad_scaler(precision, dev)
     opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == "sgd"
            else torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
     total, warmup = epochs * len(loader), warmup_epochs * len(loader)
@@ -503,18 +525,21 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
             bar = tqdm(total=total, desc="tune", mininterval=5.0)
             for epoch in range(epochs):
                 losses = []
+                shots_set.epoch = epoch  # read by the workers, which the loader starts anew each epoch
                 for images, labels in loader:
                     for g in opt.param_groups:
                         g["lr"] = lr_of(step)
-                    images, labels = images.to(dev), torch.as_tensor(labels).to(dev)
-                    clf = fixed if ids is None else tuned.text.classifier(model, tokenizer, classnames, ids=ids)
-                    logits = model.logit_scale.exp() * F.normalize(model.encode_image(images), dim=-1) @ clf
-                    loss = F.cross_entropy(logits, labels)
+                    images, labels = images.to(dev, non_blocking=True), torch.as_tensor(labels).to(dev)
+                    with autocast(precision, dev):
+                        clf = fixed if ids is None else tuned.text.classifier(model, tokenizer, classnames, ids=ids)
+                        logits = model.logit_scale.exp() * F.normalize(model.encode_image(images), dim=-1) @ clf
+                    loss = F.cross_entropy(logits.float(), labels)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     if step == 0:
                         check_only_tokens_have_grads(model, tuned)
-                    opt.step()
+                    scaler.step(opt)
+                    scaler.update()
                     losses.append(loss.item())
                     if live is not None:
                         live.step = step

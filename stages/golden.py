@@ -32,7 +32,7 @@ def main(params_path: str, progress: bool) -> None:
 
     Resumable: shards land in rankings/<key>-<split>.pt.shards/ and a rerun skips the finished ones.
     """
-    data, model, prune, golden = config.load("data", "model", "prune", "golden", path=params_path)
+    data, model, prune, golden, compute = config.load("data", "model", "prune", "golden", "compute", path=params_path)
     check_writable(RANKINGS, REPORTS)
     rank, _ = init_from_env()
     dev = device()
@@ -67,7 +67,7 @@ def main(params_path: str, progress: bool) -> None:
             out = ranking_path(key, split)
             run_search(model=clip, dataset=dataset, cfg=cfg, out_path=out, meta=meta, classifier=classifier,
                        batch_size=golden.batch_size, shard_size=golden.shard_size, device=dev,
-                       progress=progress and rank == 0)
+                       progress=progress and rank == 0, precision=compute.precision, workers=compute.workers)
             if rank == 0:
                 report[f"{key}-{split}"] = summary(out)
     if rank == 0:

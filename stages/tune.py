@@ -17,13 +17,14 @@ from clipprune.runner import params_opt, run
 @params_opt
 def main(params_path: str) -> None:
     """For each dataset: tokens for predictor pruning at (prune.keep, prune.layer), and for the full model."""
-    data, model_p, prune_p, golden, tune_p = config.load("data", "model", "prune", "golden", "tune", path=params_path)
+    data, model_p, prune_p, golden, tune_p, compute = config.load("data", "model", "prune", "golden", "tune", "compute",
+                                                                  path=params_path)
     check_writable(MODELS / "tokens", REPORTS, "dvclive/tune")
     visual = {"n": tune_p.visual_tokens, "deep": tune_p.deep} if tune_p.visual_tokens else None
     text = {"n_ctx": None if tune_p.text_init else tune_p.text_ctx, "init": tune_p.text_init} if tune_p.text_ctx else None
     report = {}
+    model, preprocess, tokenizer = load_clip(model_p, device=device())  # once: tune leaves it as it found it
     for dataset in data.datasets:
-        model, preprocess, tokenizer = load_clip(model_p, device=device())
         # tune.augment applies to these training images only; evaluation loads its own with `preprocess`.
         ds = load_dataset(dataset, root=dataset_root(data, dataset), split="train",
                           transform=train_transform(tune_p.augment, preprocess=preprocess))
@@ -35,6 +36,7 @@ def main(params_path: str) -> None:
                          shots=tune_p.shots, epochs=tune_p.epochs, lr=tune_p.lr, batch_size=tune_p.batch_size,
                          seed=tune_p.seed, weight_decay=tune_p.weight_decay, warmup_epochs=tune_p.warmup_epochs,
                          warmup_lr=tune_p.warmup_lr, schedule=tune_p.schedule, fewshot=tune_p.fewshot, device=device(),
+                         precision=compute.precision, workers=compute.workers,
                          log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
             tuned.config["augment"] = tune_p.augment
             tuned.save(tokens_path(dataset, pruned=pruned))

@@ -266,13 +266,23 @@ OTHER = {"score": {"cfg": SearchConfig(layer=1, per_round=4, score="max")},
          "budget": {"cfg": SearchConfig(layer=1, per_round=4, budget=0.5, score="label")},
          "model digest": {"meta": {"model": "tiny", "model_digest": "b"}},
          "weights, same meta": {"seed": 1},
-         "classifier, same meta": {"head": 4}}
+         "classifier, same meta": {"head": 4},
+         "precision": {"precision": "bf16"}}
 
 
-def search_run(tmp_path, dataset, *, cfg, meta, seed, head):
+def search_run(tmp_path, dataset, *, cfg, meta, seed, head, precision="fp32", workers=0):
     classifier = F.normalize(torch.randn(32, 3, generator=torch.Generator().manual_seed(head)), dim=0)
     return run_search(model=tiny_clip(seed=seed), dataset=dataset, cfg=cfg, out_path=tmp_path / "r.pt", meta=meta,
-                      classifier=classifier, batch_size=2, shard_size=2, progress=False)
+                      classifier=classifier, batch_size=2, shard_size=2, progress=False, precision=precision,
+                      workers=workers)
+
+
+def test_worker_processes_change_nothing(tmp_path):
+    """DataLoader workers decode the images; the ranking file is byte-identical for any number of them."""
+    for w in (0, 2):
+        (tmp_path / str(w)).mkdir()
+        search_run(tmp_path / str(w), Counted(), **BASE, workers=w)
+    assert (tmp_path / "0" / "r.pt").read_bytes() == (tmp_path / "2" / "r.pt").read_bytes()
 
 
 @pytest.mark.parametrize("changed", ["nothing", *OTHER])

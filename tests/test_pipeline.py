@@ -14,8 +14,7 @@ from clipprune import vit as V
 from clipprune.errors import ClipPruneError
 from clipprune.data import dataset_labels, load_dataset
 from clipprune.data import stratified_indices
-from clipprune.experiment import Setup, digest, eval_loader
-from clipprune.golden import FORMAT as RANKING_FORMAT
+from clipprune.experiment import digest
 from clipprune.pipeline import ranking_groups
 from conftest import run_every_stage, tiny_clip
 
@@ -242,35 +241,3 @@ def test_sweep_sample_of_a_real_coop_test_list_covers_every_class():
     for c in set(labels):
         size = labels.count(c)
         assert sum(labels[i] == c for i in idx) in {n * size // total, -(-n * size // total)}, c
-
-
-class Numbered(torch.utils.data.Dataset):
-    """Image i is filled with the value i, so a batch says which test images it holds."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        return torch.full((3, 4, 4), float(i)), i % 3
-
-
-def test_golden_rows_follow_the_images_original_test_index(tmp_path):
-    """The oracle on a subset: each image is pruned by the ranking row of its own (original) test index."""
-    n, patches = 12, 16
-    order = torch.stack([torch.arange(patches).roll(i) for i in range(n)])  # row i is told apart by i
-    torch.save({"meta": {"format": RANKING_FORMAT}, "patch_order": order.to(torch.int16), "unit_order": order,
-                "unit_scores": torch.zeros(n, patches), "labels": torch.zeros(n, dtype=torch.long)}, tmp_path / "r.pt")
-    setup = Setup("golden", M.build_method("ranking"), 0.5, 1, ranking=tmp_path / "r.pt")
-    labels = [i % 3 for i in range(n)]
-    for indices in (stratified_indices(labels, 7, seed=0), None):
-        seen = []
-        for x, _ in eval_loader(setup, Numbered(n), indices=indices, batch_size=3):
-            ids = x[:, 0, 0, 0].long()
-            assert torch.equal(setup.method._rows, order[ids])  # bound just before the batch is used
-            seen += ids.tolist()
-        assert seen == (indices if indices is not None else list(range(n)))
-    with pytest.raises(ClipPruneError, match="outside the 12 ranked test images"):
-        eval_loader(setup, Numbered(n), indices=[3, 12], batch_size=3)
