@@ -142,10 +142,11 @@ def test_token_files_are_gone_after_training_and_after_an_error(tiny, tmp_path):
     P.train_predictor(**kw, test_dataset=test, test_ranking=test_rk)
     assert not list(tmp_path.iterdir()) and not open_files_under(tmp_path)
     broken = Failing(test, at=5, directory=tmp_path)
-    with pytest.raises(RuntimeError, match="unreadable image"):
+    with pytest.raises(RuntimeError, match="unreadable image") as error:
         P.train_predictor(**kw, test_dataset=broken, test_ranking=test_rk)
     assert len(broken.open_then) == 2  # the train cache and the test cache being written were there...
-    assert not list(tmp_path.iterdir()) and not open_files_under(tmp_path)  # ...and are gone
+    # ...and are gone by the time the caller has the error (whose traceback keeps every frame's locals alive).
+    assert error.value and not list(tmp_path.iterdir()) and not open_files_under(tmp_path)
 
 
 def test_not_enough_disk_is_one_clear_error(tiny, tmp_path, monkeypatch):
