@@ -17,6 +17,9 @@ D/d channels). On ViT-B-16 it costs ~0.018 GMACs, ~0.15% of the model pruned at 
 Losses (LOSSES, chosen by name) see predicted scores [B, N] and the golden elimination order [B, N]
 (least important first): `topset_kl` (the official one, budget from keep), `listnet`, `pairwise`.
 Fidelity: top-k overlap of the keep sets at the budget and Kendall's tau against the golden order.
+
+Training caches the tokens of every ranked image once, on disk (token_store.py: 0.6 MB an image at ViT-B/16), and
+reads them back one mini-batch at a time, so host RAM does not grow with the number of ranked images.
 """
 from __future__ import annotations
 
@@ -334,9 +337,10 @@ def predict_scores(predictor: nn.Module, tokens: Tensor | TokenStore, *, batch_s
     return torch.cat(out)
 
 
-def fit(*, tokens: Tensor | TokenStore, orders: Tensor, keep: float, loss: str = "topset_kl", loss_opts: Optional[dict] = None,
-        epochs: int = 50, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 32, d: int = 64,
-        reduce: str = "linear", seed: int = 0, test: Optional[tuple[Tensor, Tensor]] = None,
+def fit(*, tokens: Tensor | TokenStore, orders: Tensor, keep: float, loss: str = "topset_kl",
+        loss_opts: Optional[dict] = None, epochs: int = 50, lr: float = 1e-3, weight_decay: float = 1e-4,
+        batch_size: int = 32, d: int = 64, reduce: str = "linear", seed: int = 0,
+        test: Optional[tuple[Tensor | TokenStore, Tensor]] = None,
         log_dir: Optional[str | Path] = None, device: str | torch.device = "cpu",
         progress: bool = True) -> tuple[RankPredictor, dict]:
     """Train a RankPredictor on cached tokens [M, 1+N, D] (a tensor, or a TokenStore read one mini-batch at a

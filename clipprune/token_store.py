@@ -34,8 +34,8 @@ def check_space(directory: str | Path, nbytes: int, *, what: str) -> None:
     """One clear error before hours of compute, rather than a full disk halfway through."""
     free = shutil.disk_usage(directory).free
     if nbytes > free:
-        raise ClipPruneError(f"{what} needs {nbytes / 1e9:.1f} GB in {directory} but only {free / 1e9:.1f} GB are free; "
-                             f"free some space there or point TMPDIR at a disk with more")
+        raise ClipPruneError(f"{what} needs {nbytes / 1e9:.1f} GB in {directory} but only {free / 1e9:.1f} GB are "
+                             f"free; free some space there or point TMPDIR at a disk with more")
 
 
 def _bytes(t: Tensor) -> memoryview:
@@ -74,7 +74,8 @@ class TokenStore:
         """Write rows [len(x), *row_shape] after the last ones (cast to the store's dtype)."""
         x = x.detach().to("cpu", self.dtype).contiguous()
         if tuple(x.shape[1:]) != self.row_shape or self.rows + len(x) > self.capacity:
-            raise ValueError(f"cannot append {list(x.shape)} to a store of {self.rows}/{self.capacity} rows of {list(self.row_shape)}")
+            raise ValueError(f"cannot append {list(x.shape)} to a store of {self.rows}/{self.capacity} rows "
+                             f"of {list(self.row_shape)}")
         buf, offset = _bytes(x), self.rows * self.row_bytes
         while buf:  # pwrite may write less than asked
             n = os.pwrite(self.file.fileno(), buf, offset)

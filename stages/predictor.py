@@ -24,8 +24,8 @@ from clipprune.vit import num_patches
 def main(params_path: str) -> None:
     """One predictor per ranking group (one for all synthetic tasks with a label-free score), trained on the
     train-split golden rankings; top-k overlap and Kendall tau on the test split are DVC metrics."""
-    data, model_p, prune_p, golden, pred, compute = config.load("data", "model", "prune", "golden", "predictor", "compute",
-                                                                path=params_path)
+    data, model_p, prune_p, golden, pred, compute = config.load("data", "model", "prune", "golden", "predictor",
+                                                                "compute", path=params_path)
     check_writable(MODELS / "predictors", REPORTS, "dvclive/predictor")
     dev = device()
     model, preprocess, _ = load_clip(model_p, device=dev)
