@@ -17,13 +17,17 @@ D/d channels). On ViT-B-16 it costs ~0.018 GMACs, ~0.15% of the model pruned at 
 Losses (LOSSES, chosen by name) see predicted scores [B, N] and the golden elimination order [B, N]
 (least important first): `topset_kl` (the official one, budget from keep), `listnet`, `pairwise`.
 Fidelity: top-k overlap of the keep sets at the budget and Kendall's tau against the golden order.
+
+Training caches the tokens of every ranked image once, on disk (token_store.py: 0.6 MB an image at ViT-B/16), and
+reads them back one mini-batch at a time, so host RAM does not grow with the number of ranked images.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,6 +39,9 @@ from . import vit as V
 from .errors import ClipPruneError
 from .io import save_torch_atomic
 from .methods import ranking_scores
+from .precision import autocast
+from .precision import resolve as resolve_precision
+from .token_store import TokenStore, check_space
 
 FORMAT = "clipprune-predictor-v1"
 
@@ -259,50 +266,88 @@ def fidelity(pred_scores: Tensor, golden_order: Tensor, *, keep: float) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------ training
+def _images(batch: list) -> Tensor:
+    """collate_fn: the images of (image, label) items; labels may be anything (a module function: workers pickle it)."""
+    return torch.stack([item[0] for item in batch])
+
+
+def token_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """How cached tokens are stored: float32 at fp32/tf32 (exact); under half-precision autocast the autocast
+    dtype, whose precision the tower's outputs do not exceed anyway (and the cache is half the size)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device), torch.float32)
+
+
 @torch.no_grad()
 def layer_tokens(model, dataset, *, layer: int, batch_size: int = 64, device: str | torch.device = "cpu",
-                 progress: bool = False) -> Tensor:
-    """Tokens at the input of block `layer` ([M, 1+N, D], float32, CPU) for every image of a map-style
-    dataset: exactly what a selector at `layer` sees, computed once so training never reruns the CLIP."""
+                 progress: bool = False, precision: str = "fp32", workers: int = 0,
+                 out: Optional[str | Path] = None) -> Tensor | TokenStore:
+    """Tokens at the input of block `layer` ([M, 1+N, D], CPU) for every image of a map-style dataset: exactly
+    what a selector at `layer` sees, computed once so training never reruns the CLIP.
+
+    Images are decoded by a DataLoader (`workers` processes; the same order for any count) and the tower runs at
+    `precision` on `device`. `out`: a directory for a TokenStore (host RAM bounded by one batch; the caller closes
+    it), or None for one in-RAM tensor (small sets, tests). float32 at fp32, else see `token_dtype`."""
     from tqdm import tqdm
 
     vit = V.check_vit(model)
     V.check_setting(vit, keep=1.0, layer=layer)
-    dtype = vit.conv1.weight.dtype
+    dev = torch.device(device)
+    dtype, store_dtype = vit.conv1.weight.dtype, token_dtype(precision, dev)
+    m, row_shape = len(dataset), (V.num_patches(vit) + 1, vit.transformer.width)
+    # Both sinks are filled in place: no list of batches and no torch.cat, whose peak was twice the cache.
+    cache = TokenStore(rows=m, row_shape=row_shape, dtype=store_dtype, directory=out) if out is not None \
+        else torch.empty((m, *row_shape), dtype=store_dtype)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=_images, pin_memory=dev.type == "cuda")
     was_training = vit.training
     vit.eval()  # no patch dropout: the features are a fixed function of the image
-    out = []
+    s = 0
     try:
-        for s in tqdm(range(0, len(dataset), batch_size), desc="predictor tokens", disable=not progress, mininterval=5.0):
-            images = torch.stack([dataset[i][0] for i in range(s, min(len(dataset), s + batch_size))])
-            x = V.run_blocks(vit, vit._embeds(images.to(device=device, dtype=dtype)), stop=layer)
-            out.append(x.float().cpu())
+        for images in tqdm(loader, desc="predictor tokens", disable=not progress, mininterval=5.0):
+            with autocast(precision, dev):
+                x = V.run_blocks(vit, vit._embeds(images.to(device=dev, dtype=dtype, non_blocking=True)), stop=layer)
+            x = x.to("cpu", store_dtype)
+            if store_dtype == torch.float16 and not torch.isfinite(x).all():  # beyond float16's range (65504)
+                raise ClipPruneError(f"layer-{layer} tokens overflow float16 at compute.precision={precision}; "
+                                     f"use compute.precision=bf16 or fp32")
+            if out is not None:
+                cache.append(x)
+            else:
+                cache[s : s + len(x)] = x
+            s += len(x)
+    except BaseException:
+        if out is not None:
+            cache.close()
+        raise
     finally:
         vit.train(was_training)
-    return torch.cat(out)
+    return cache
 
 
 @torch.no_grad()
-def predict_scores(predictor: nn.Module, tokens: Tensor, *, batch_size: int = 256) -> Tensor:
-    """Predicted scores [M, N] for cached tokens [M, 1+N, D], in batches."""
+def predict_scores(predictor: nn.Module, tokens: Tensor | TokenStore, *, batch_size: int = 256) -> Tensor:
+    """Predicted scores [M, N] for cached tokens [M, 1+N, D] (a tensor or a TokenStore), in batches, on the
+    predictor's device (fidelity is computed there too)."""
     p = next(predictor.parameters())
     was_training = predictor.training
     predictor.eval()
-    out = [predictor(tokens[s : s + batch_size].to(p.device, p.dtype)).float().cpu()
+    out = [predictor(tokens[s : s + batch_size].to(p.device, p.dtype)).float()
            for s in range(0, len(tokens), batch_size)]
     predictor.train(was_training)
     return torch.cat(out)
 
 
-def fit(*, tokens: Tensor, orders: Tensor, keep: float, loss: str = "topset_kl", loss_opts: Optional[dict] = None,
-        epochs: int = 50, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 32, d: int = 64,
-        reduce: str = "linear", seed: int = 0, test: Optional[tuple[Tensor, Tensor]] = None,
+def fit(*, tokens: Tensor | TokenStore, orders: Tensor, keep: float, loss: str = "topset_kl",
+        loss_opts: Optional[dict] = None, epochs: int = 50, lr: float = 1e-3, weight_decay: float = 1e-4,
+        batch_size: int = 32, d: int = 64, reduce: str = "linear", seed: int = 0,
+        test: Optional[tuple[Tensor | TokenStore, Tensor]] = None,
         log_dir: Optional[str | Path] = None, device: str | torch.device = "cpu",
         progress: bool = True) -> tuple[RankPredictor, dict]:
-    """Train a RankPredictor on cached tokens [M, 1+N, D] and golden orders [M, N]; see `train_predictor`."""
+    """Train a RankPredictor on cached tokens [M, 1+N, D] (a tensor, or a TokenStore read one mini-batch at a
+    time) and golden orders [M, N]; see `train_predictor`."""
     from tqdm import tqdm
 
-    if tokens.ndim != 3 or orders.shape != (tokens.shape[0], tokens.shape[1] - 1):
+    if len(tokens.shape) != 3 or orders.shape != (tokens.shape[0], tokens.shape[1] - 1):
         raise ClipPruneError(f"predictor: tokens {list(tokens.shape)} and golden orders {list(orders.shape)} do not match")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not (isinstance(value, int) and value >= 1):
@@ -342,7 +387,8 @@ def fit(*, tokens: Tensor, orders: Tensor, keep: float, loss: str = "topset_kl",
         history["lr"].append(opt.param_groups[0]["lr"])
         for s in range(0, len(tokens), batch_size):
             idx = perm[s : s + batch_size]
-            x, order = tokens[idx].to(dev), orders[idx].to(dev)
+            # float32 whatever the cache stores (a no-op for a float32 tensor: the same x as ever).
+            x, order = tokens[idx].to(dev, torch.float32), orders[idx].to(dev)
             loss_value = loss_fn(predictor(x), order, keep=keep, gen=gen)
             opt.zero_grad(set_to_none=True)
             loss_value.backward()
@@ -374,14 +420,16 @@ def train_predictor(*, model, dataset, ranking, layer: int, keep: float, loss: s
                     epochs: int = 50, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 32, d: int = 64,
                     seed: int = 0, log_dir: Optional[str | Path] = None, loss_opts: Optional[dict] = None,
                     reduce: str = "linear", test_dataset=None, test_ranking=None, device: str | torch.device = "cpu",
+                    precision: str = "fp32", workers: int = 0, tmp_dir: Optional[str | Path] = None,
                     progress: bool = True) -> tuple[RankPredictor, dict]:
     """Train a predictor of `ranking` (golden.Ranking of `dataset`, row i = item i) on the frozen CLIP's tokens
-    at the input of block `layer`. Adam + per-epoch cosine; deterministic for a seed. With a test set and its
-    ranking, every epoch logs the test fidelity. Returns (predictor in eval mode, history)."""
+    at the input of block `layer`, computed at `precision` on `device`. Adam + per-epoch cosine; deterministic for
+    a seed. With a test set and its ranking, every epoch logs the test fidelity. The tokens are cached in
+    TokenStores under `tmp_dir` (default: TMPDIR), deleted on return or on error, so host RAM does not grow with
+    the number of images. Returns (predictor in eval mode, history)."""
     sets = [(dataset, ranking, "train")] + ([(test_dataset, test_ranking, "test")] if test_dataset is not None else [])
     if (test_dataset is None) != (test_ranking is None):
         raise ClipPruneError("predictor: give both test_dataset and test_ranking, or neither")
-    cached = []
     for ds, rk, split in sets:
         if len(rk.patch_order) != len(ds):
             raise ClipPruneError(f"predictor: the {split} ranking has {len(rk.patch_order)} rows but the dataset has "
@@ -389,11 +437,21 @@ def train_predictor(*, model, dataset, ranking, layer: int, keep: float, loss: s
         searched = rk.meta.get("search", {}).get("layer", layer)
         if searched != layer:
             raise ClipPruneError(f"predictor: the {split} ranking was searched at layer {searched}, not {layer}")
-        cached.append((layer_tokens(model, ds, layer=layer, batch_size=max(batch_size, 64), device=device,
-                                    progress=progress), rk.patch_order.long()))
-    predictor, history = fit(tokens=cached[0][0], orders=cached[0][1], keep=keep, loss=loss, loss_opts=loss_opts,
-                             epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, d=d,
-                             reduce=reduce, seed=seed, test=cached[1] if len(cached) > 1 else None, log_dir=log_dir,
-                             device=device, progress=progress)
+    vit = V.check_vit(model)
+    tmp_dir = Path(tmp_dir if tmp_dir is not None else tempfile.gettempdir())
+    row_bytes = (V.num_patches(vit) + 1) * vit.transformer.width * token_dtype(precision, device).itemsize
+    # Both caches at once, before any compute (each store checks its own share again when it is made).
+    check_space(tmp_dir, sum(len(ds) for ds, _, _ in sets) * row_bytes, what="the predictor's token caches")
+    with ExitStack() as stores:  # closing a store deletes its file, on an error too
+        cached = [(stores.enter_context(layer_tokens(model, ds, layer=layer, batch_size=max(batch_size, 64),
+                                                     device=device, progress=progress, precision=precision,
+                                                     workers=workers, out=tmp_dir)), rk.patch_order.long())
+                  for ds, rk, _ in sets]
+        predictor, history = fit(tokens=cached[0][0], orders=cached[0][1], keep=keep, loss=loss, loss_opts=loss_opts,
+                                 epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size, d=d,
+                                 reduce=reduce, seed=seed, test=cached[1] if len(cached) > 1 else None,
+                                 log_dir=log_dir, device=device, progress=progress)
     predictor.config["layer"] = layer
+    if resolve_precision(precision, device) != "fp32":  # fp32 predictors keep the config (and bytes) they always had
+        predictor.config["precision"] = resolve_precision(precision, device)
     return predictor, history
