@@ -81,7 +81,7 @@ def test_small_mode_figures_are_sane(small):
     assert finite_positive(g["s_per_image"]) and finite_positive(g["flop_minimum_s_per_image"])
     # Not "above its minimum": the minimum prices MACs at the full forward's speed, and on this tiny model on one CPU
     # thread the search's shorter candidates (<= 64 tokens against 65) run more MACs per second; measured here
-    # 0.80-0.89 (0.67-0.73 against whole forwards). A sane band: a broken timer or cost model leaves it.
+    # 0.75-0.89 (0.67-0.73 against whole forwards). A sane band: a broken timer or cost model leaves it.
     assert 0.5 < g["over_flop_minimum"] < 100
     assert g["s_per_image"] == pytest.approx(g["over_flop_minimum"] * g["flop_minimum_s_per_image"], rel=0.01)
 
