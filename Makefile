@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 
 # Offline where no download can succeed (tests, the default profile): a named pretrained tag then fails in
 # seconds instead of a minute. Never for `paper`, which fetches the OpenAI weights from the hub.
-test test-all repro smoke-paper: export HF_HUB_OFFLINE := 1
+test test-all repro smoke-paper gpu-check: export HF_HUB_OFFLINE := 1
 
 .PHONY: test repro venv clean-venv
 
@@ -41,6 +41,18 @@ clean-venv:
 .PHONY: smoke-paper paper
 smoke-paper: $(STAMP)
 	CLIPPRUNE_SMOKE=1 $(BIN)/python -m pytest tests/test_paper_smoke.py
+
+# The prepared GPU check (benchmarks/gpu_check.py): bench of every row at the predictor's GFLOPs, golden search speed
+# against its FLOP minimum, the paper smoke run and the golden stage over NCCL, on random weights, offline, within
+# GPU_CHECK_BUDGET seconds (each part that would overrun is skipped, with a note); ends with one JSON line. Without
+# CUDA it runs its small mode (clipprune-tiny, under 2 minutes on a CPU). CHECK_PY=python3 runs it with an interpreter
+# that already has the packages instead of .venv (a GPU box without a network, the missing ones carried as wheels).
+GPU_CHECK_BUDGET ?= 420
+GPU_CHECK_ARGS ?=
+CHECK_PY ?=
+.PHONY: gpu-check
+gpu-check: $(if $(CHECK_PY),,$(STAMP))
+	$(or $(CHECK_PY),$(BIN)/python) benchmarks/gpu_check.py --budget-s $(GPU_CHECK_BUDGET) $(GPU_CHECK_ARGS)
 
 # Switch to the paper profile and run it (GPU + network, or local weights and datasets). It never overwrites a
 # params.yaml you edited: commit or stash it first, or run `dvc repro` on your edited file directly.

@@ -13,8 +13,8 @@ import click
 import yaml
 
 from .errors import ClipPruneError
+from .precision import PRECISIONS
 from .runner import run
-
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -195,16 +195,21 @@ def match(arch, image_size, method, opts, keep, layer, as_json):
 @layer_opt
 @click.option("--batch", type=int, default=32, show_default=True, help="Images per forward pass.")
 @click.option("--repeats", type=int, default=10, show_default=True, help="Timed batches per model (after 2 warm-up).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Autocast precision (auto: fp16 on CUDA, fp32 on the CPU).")
 @json_opt
-def bench(arch, image_size, method, opts, keep, layer, batch, repeats, as_json):
+def bench(arch, image_size, method, opts, keep, layer, batch, repeats, device, precision, as_json):
     """images/s of the full and the pruned model, measured alternately in one process."""
-    from .bench import throughput
+    from .bench import check_device, throughput
 
     if batch < 1 or repeats < 1:
         raise ClipPruneError(f"--batch and --repeats must be >= 1, got --batch {batch} --repeats {repeats}")
+    dev = check_device(device)  # before the model is built: a missing GPU costs nothing
     vit, m = setting_of(arch, image_size, method, opts, keep, layer)
     emit({**described(arch, vit, m, keep=keep, layer=layer),
-          **throughput(vit, m, keep=keep, layer=layer, batch=batch, repeats=repeats)}, as_json)
+          **throughput(vit, m, keep=keep, layer=layer, batch=batch, repeats=repeats, device=dev,
+                       precision=precision)}, as_json)
 
 
 def main() -> None:

@@ -135,6 +135,13 @@ CLI_BAD = [
     (["flops", *TINY, "--image-size", "big"], ["--image-size 'big'"]),
     (["flops", "--model", "RN50", "--image-size", "224"], ["--image-size", "no patch size"]),
     (["bench", *TINY, "--batch", "0"], ["--batch"]),
+    (["bench", *TINY, "--device", "tpu"], ["--device 'tpu'", "cpu, cuda or cuda:N"]),
+    (["bench", *TINY, "--device", "cuda:x"], ["--device 'cuda:x'"]),
+    (["bench", *TINY, "--device", "cuda:99"], ["--device cuda:99"]),  # no GPU: none visible; GPUs: not 100 of them
+    *([(["bench", *TINY, "--device", "cuda"], ["--device cuda", "no CUDA GPU", "--device cpu"])]
+      if not torch.cuda.is_available() else []),
+    (["bench", *TINY, "--precision", "fp8"], ["--precision", "'fp8'", "fp16"]),
+    (["bench", *TINY, "--precision", "FP16"], ["--precision"]),
     (["flops", *TINY, "--keep", "abc"], ["--keep"]),  # click's own errors are one line too
     (["flops", *TINY, "--kep", "0.5"], ["--kep"]),
 ]

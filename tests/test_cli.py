@@ -116,3 +116,56 @@ def test_bench_times_the_full_and_the_pruned_model_alternately():
     r = throughput(vit, M.build_method("random"), keep=0.5, layer=1, batch=3, repeats=4, warmup=2)
     assert seen == [(3, 17), (3, 9)] * (2 + 4)
     assert r["batch"] == 3 and r["repeats"] == 4
+
+
+def test_bench_runs_under_the_precision_asked_for():
+    """Every timed forward runs under the autocast of --precision: the blocks' matmuls come out in bf16, and in
+    float32 without it (a bench that ignored the precision would time float32 and call it bf16)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch
+    from conftest import tiny_clip
+
+    from clipprune import methods as M
+    from clipprune.bench import throughput
+
+    vit = tiny_clip().visual
+    for precision, want, used in (("bf16", torch.bfloat16, "bf16"), ("fp32", torch.float32, "fp32"),
+                                  ("auto", torch.float32, "fp32")):  # auto: fp32 on the CPU
+        seen = set()
+        hook = vit.transformer.resblocks[-1].mlp.c_fc.register_forward_hook(
+            lambda m, a, out: None if torch.jit.is_tracing() else seen.add(out.dtype))
+        r = throughput(vit, M.build_method("random"), keep=0.5, layer=1, batch=2, repeats=1, warmup=0,
+                       precision=precision)
+        hook.remove()
+        assert seen == {want}, (precision, seen)
+        assert r["precision"] == used and r["device"] == "cpu"
+
+
+def test_bench_passes_device_and_precision_through(monkeypatch):
+    """`clipprune bench --device cpu --precision bf16` hands both to throughput (not only to its report)."""
+    import clipprune.bench
+    from clipprune.cli import cli, run
+
+    got = {}
+    monkeypatch.setattr(clipprune.bench, "throughput", lambda vit, m, **kw: got.update(kw) or {})
+    monkeypatch.setattr(sys, "argv", ["clipprune", "bench", "--model", "clipprune-tiny", "--layer", "1", "--device",
+                                      "cpu", "--precision", "bf16", "--json"])
+    run(cli)
+    assert str(got["device"]) == "cpu" and got["precision"] == "bf16"
+
+
+def test_cuda_timings_wait_for_the_gpu(monkeypatch):
+    """On CUDA the clock starts after the queue is drained and stops after the forward's kernels have run
+    (torch.cuda.synchronize on both sides); on the CPU nothing is synchronised. Checked without a GPU: the
+    forward is a stand-in, the device only chooses the timer."""
+    import torch
+
+    from clipprune.bench import timed
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("sync", str(device))))
+    timed(lambda: calls.append("forward"), device=torch.device("cuda:0"))
+    assert calls == [("sync", "cuda:0"), "forward", ("sync", "cuda:0")]
+    calls.clear()
+    timed(lambda: calls.append("forward"), device=torch.device("cpu"))
+    assert calls == ["forward"]

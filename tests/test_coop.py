@@ -342,7 +342,9 @@ def test_registries_are_complete():
 # ----------------------------------------------------------------------------------------------------------
 # CoOp's real split files (../shared/data/coop_splits beside the clone), tiny stand-in images at their paths
 
-REAL_SPLITS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coop_splits"
+# CLIPPRUNE_COOP_SPLITS: another folder of CoOp's split_zhou_*.json (a copy carried to a machine without ../shared).
+REAL_SPLITS = Path(os.environ.get("CLIPPRUNE_COOP_SPLITS")
+                   or Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "coop_splits")
 # name: (classes, train/val/test sizes, first and last class name as prompts get them), from CoOp's published splits
 REAL = {"Caltech101": (100, (4128, 1649, 2465), "face", "yin yang"),
         "OxfordPets": (37, (2944, 736, 3669), "abyssinian", "yorkshire terrier"),

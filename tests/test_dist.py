@@ -52,13 +52,12 @@ def env(**extra) -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
-@pytest.fixture(scope="module")
-def golden_workdir(tmp_path_factory):
-    """A tiny default-profile project: generated world, random clipprune-tiny as models/clip.pt, 6 shards of
-    2 images per split so every process gets several."""
+def tiny_golden_project(work: Path) -> Path:
+    """A tiny default-profile project in `work`: generated world, random clipprune-tiny as models/clip.pt, 6 shards
+    of 2 images per split so every process gets several. (benchmarks/gpu_check.py builds its NCCL check on it.)"""
     from clipprune.model import build_model, save_checkpoint
 
-    work = tmp_path_factory.mktemp("project")
+    work.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(n_train=64, n_test=12)
     params["golden"].update(n_train=12, batch_size=2, shard_size=2)
@@ -69,6 +68,11 @@ def golden_workdir(tmp_path_factory):
     torch.manual_seed(0)
     save_checkpoint(build_model("clipprune-tiny")[0], work / "models" / "clip.pt", arch="clipprune-tiny")
     return work
+
+
+@pytest.fixture(scope="module")
+def golden_workdir(tmp_path_factory):
+    return tiny_golden_project(tmp_path_factory.mktemp("project"))
 
 
 def fresh_copy(src: Path, dst: Path) -> Path:

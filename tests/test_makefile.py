@@ -98,3 +98,19 @@ def test_stages_leave_the_hub_reachable():
     code = "import os, stages.pretrain, stages.data, clipprune.cli; print(os.environ.get('HF_HUB_OFFLINE'))"
     out = sp.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "None", out.stderr
+
+
+def test_gpu_check_runs_offline_in_the_venv_within_its_budget(project):
+    out = make(project, "gpu-check")
+    assert out.returncode == 0, out.stderr
+    assert calls(project) == ["python benchmarks/gpu_check.py --budget-s 420 HF_HUB_OFFLINE=1"]
+    assert make(project, "gpu-check", "GPU_CHECK_BUDGET=60", "GPU_CHECK_ARGS=--device cpu").returncode == 0
+    assert calls(project)[-1] == "python benchmarks/gpu_check.py --budget-s 60 --device cpu HF_HUB_OFFLINE=1"
+
+
+def test_gpu_check_with_an_interpreter_of_its_own_builds_no_venv(project):
+    """CHECK_PY (a GPU box's python3 with carried wheels) runs the check without touching .venv, even a stale one."""
+    (project / ".venv" / ".installed").unlink()  # a venv that `make test` would rebuild first
+    out = make(project, "gpu-check", f"CHECK_PY={project / '.venv' / 'bin' / 'python'}")
+    assert out.returncode == 0, out.stderr
+    assert calls(project) == ["python benchmarks/gpu_check.py --budget-s 420 HF_HUB_OFFLINE=1"]  # no pip install

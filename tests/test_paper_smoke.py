@@ -6,7 +6,8 @@ at every listed path).
 Opt-in (several minutes of CPU): `make smoke-paper`, or CLIPPRUNE_SMOKE=1 pytest tests/test_paper_smoke.py.
 Smoke sizes (a few images, 7x7-patch golden units, one epoch, one shot) replace the profile's; the model, the
 pruning layer and keep, the label score, the CoOp protocol, the tuning recipe and every stage are the profile's own.
-The sharded stages run through their dvc.yaml commands (stages.launch: two processes here).
+The sharded stages run through their dvc.yaml commands (stages.launch: two processes here, one per GPU on a GPU box).
+On CUDA the stages run on the GPU (benchmarks/gpu_check.py runs this test there).
 """
 import json
 import os
@@ -25,7 +26,8 @@ DATASETS = ("OxfordPets", "DTD")
 
 
 @pytest.mark.skipif(not os.environ.get("CLIPPRUNE_SMOKE"), reason="opt-in: make smoke-paper")
-@pytest.mark.skipif(not REAL_SPLITS.is_dir(), reason=f"{REAL_SPLITS} (CoOp's real split files) is absent")
+@pytest.mark.skipif(not REAL_SPLITS.is_dir(), reason=f"{REAL_SPLITS} (CoOp's real split files) is absent: "
+                                                     "set CLIPPRUNE_COOP_SPLITS to a copy")
 def test_paper_profile_runs_every_stage(tmp_path):
     from clipprune.coop import COOP_DATASETS
     from clipprune.model import build_model
@@ -45,7 +47,9 @@ def test_paper_profile_runs_every_stage(tmp_path):
     params["eval"].update(batch_size=8, sweep_keeps=[0.6, 1.0], sweep_images=6, overlay_images=2)
     params["check"]["max_drop"] = 1.0  # random weights: accuracies are noise, the gate's logic is tested elsewhere
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CLIPPRUNE_NPROC": "2"}
+    # Two processes: gloo on a CPU; on GPUs one per GPU, at most two (a 1-GPU box refuses CLIPPRUNE_NPROC=2).
+    nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CLIPPRUNE_NPROC": str(nproc)}
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():  # dvc.yaml's own commands, in its order (the gate without git here)
         cmd = stage["cmd"].replace("python", sys.executable, 1).split()
