@@ -439,7 +439,9 @@ class _PerItemSeed(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % (2**63))
+            # The CPU generator only: torch.manual_seed also queues seeds for every accelerator backend, which
+            # costs more than the image's transform.
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % (2**63))
             return self.items[i]
 
 
@@ -449,7 +451,7 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
          templates: Sequence[str] = DEFAULT_TEMPLATES, optimizer: str = "sgd", momentum: float = 0.9,
          weight_decay: float = 0.0, warmup_epochs: int = 0, warmup_lr: float = 1e-5, schedule: str = "cosine",
          fewshot: str = "per_class", device: str | torch.device = "cpu", precision: str = "fp32",
-         workers: int = 0) -> TunedTokens:
+         workers: int = 0, augmented: bool = True) -> TunedTokens:
     """Learn visual tokens and/or text context few-shot on the frozen CLIP pruned by `method` at (keep, layer).
 
     Loss: cross-entropy of logit_scale.exp() * normalised image features @ classifier (from the text context,
@@ -457,7 +459,8 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
     The shots are drawn by data.few_shot_indices(mode=fewshot); the lr follows `schedule` ("cosine": lr_at, per
     step; "dassl": dassl_lr_at, per epoch), after `warmup_epochs` at warmup_lr. Augmentation is the train_set's
     transform (see train_transform), drawn per image from (seed, epoch, index), so `workers` DataLoader processes
-    change nothing. `precision`: clipprune.precision (fp16 on CUDA with a loss scaler).
+    change nothing; `augmented=False` says the transform draws nothing, so each shot is decoded once, not once
+    per epoch. `precision`: clipprune.precision (fp16 on CUDA with a loss scaler).
     Moves `model` to `device`; leaves it unpatched, with its requires_grad flags and train/eval modes as they were.
     """
     from tqdm import tqdm
@@ -491,7 +494,10 @@ def tune(*, model: nn.Module, tokenizer, train_set: torch.utils.data.Dataset, cl
         raise ClipPruneError("tune: nothing to learn: set visual.n > 0 or give text options")
     idx = few_shot_indices(dataset_labels(train_set), shots=shots, seed=seed, mode=fewshot)
     shots_set = _PerItemSeed(torch.utils.data.Subset(train_set, idx), seed=seed)
-    loader = torch.utils.data.DataLoader(shots_set, batch_size=batch_size, shuffle=True, num_workers=workers,
+    if not augmented:  # the same tensors every epoch: decode them once
+        shots_set.items = [shots_set.items[i] for i in range(len(shots_set.items))]
+    loader = torch.utils.data.DataLoader(shots_set, batch_size=batch_size, shuffle=True,
+                                         num_workers=workers if augmented else 0,
                                          generator=torch.Generator().manual_seed(seed), pin_memory=dev.type == "cuda")
     scaler = grad_scaler(precision, dev)
     opt = (torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay) if optimizer == "sgd"

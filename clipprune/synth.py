@@ -6,6 +6,7 @@ The object covers a minority of the 8x8 patch grid, so which patches a pruner ke
 Everything is a pure function of (seed, split): no files are needed to regenerate the world.
 """
 
+import functools
 import io
 import json
 import zipfile
@@ -197,14 +198,30 @@ def load_split(root: str | Path, split: str, keys: tuple[str, ...]) -> dict[str,
         raise ValueError(f"cannot read {keys} from {path} (corrupt or incomplete world; regenerate it): {e}") from e
 
 
+@functools.lru_cache(maxsize=2)
+def _shared_images(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    """A split's images, decompressed once per process for all five tasks (keyed by the file's identity, so a
+    rewritten world is read anew), read-only because every task's dataset shares them."""
+    images = load_split(Path(path).parent, Path(path).stem, ("images",))["images"]
+    images.flags.writeable = False
+    return images
+
+
+def split_images(root: str | Path, split: str) -> np.ndarray:
+    path = Path(root) / f"{split}.npz"
+    if not path.is_file():
+        load_split(root, split, ("images",))  # its error names the missing file
+    st = path.stat()
+    return _shared_images(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
 class SynthTaskDataset(torch.utils.data.Dataset):
     """One zero-shot task of the world: (image, class index) pairs plus the task's classnames and templates."""
 
     def __init__(self, root: str | Path, *, split: str, task: str, transform=None):
         if task not in TASKS:
             raise ValueError(f"unknown synthetic task {task!r}; tasks: {sorted(TASKS)}")
-        data = load_split(root, split, ("images", task))
-        self.images, self.labels = data["images"], data[task]
+        self.images, self.labels = split_images(root, split), load_split(root, split, (task,))[task]
         self.transform = transform
         self.classes = list(TASKS[task]["classnames"])
         self.templates = list(TASKS[task]["templates"])

@@ -36,7 +36,7 @@ def main(params_path: str) -> None:
                          shots=tune_p.shots, epochs=tune_p.epochs, lr=tune_p.lr, batch_size=tune_p.batch_size,
                          seed=tune_p.seed, weight_decay=tune_p.weight_decay, warmup_epochs=tune_p.warmup_epochs,
                          warmup_lr=tune_p.warmup_lr, schedule=tune_p.schedule, fewshot=tune_p.fewshot, device=device(),
-                         precision=compute.precision, workers=compute.workers,
+                         precision=compute.precision, workers=compute.workers, augmented=tune_p.augment != "none",
                          log_dir=f"dvclive/tune/{safe_name(dataset)}-{'pruned' if pruned else 'full'}")
             tuned.config["augment"] = tune_p.augment
             tuned.save(tokens_path(dataset, pruned=pruned))
