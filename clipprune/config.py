@@ -221,7 +221,7 @@ class TuneParams(Section):
 class EvalParams(Section):
     RULES = {"batch_size": at_least(1), "methods": each(one_of(lambda: EVAL_ROWS)) & unique,
              "sweep_keeps": each(between(0, 1, lo_open=True)) & unique, "sweep_methods": each(one_of(lambda: EVAL_ROWS)) & unique,
-             "sweep_images": at_least(1), "overlay_images": at_least(1)}
+             "sweep_images": at_least(1), "overlay_images": at_least(1), "bootstrap": at_least(100)}
     batch_size: int = 250
     methods: list[str] = field(default_factory=lambda: ["full", "random", "cls_attention", "tome", "golden", "predictor",
                                                         "predictor+tokens", "full+tokens"])
@@ -229,6 +229,7 @@ class EvalParams(Section):
     sweep_methods: list[str] = field(default_factory=lambda: ["random", "cls_attention", "tome", "golden", "predictor"])
     sweep_images: int = 500  # test images per dataset per sweep point: a class-stratified sample drawn with data.seed
     overlay_images: int = 6  # test images drawn with each method's kept patches
+    bootstrap: int = 1000  # paired bootstrap resamples (over test images, seeded by data.seed) behind every interval
 
 
 @dataclass
@@ -241,10 +242,16 @@ class ComputeParams(Section):
     workers: int = 0  # DataLoader worker processes decoding images (0: in the main process)
 
 
+DROP_ESTIMATES = ("point", "upper")
+
+
 @dataclass
 class CheckParams(Section):
-    RULES = {"max_drop": at_least(0), "tolerance": at_least(0)}
+    RULES = {"max_drop": at_least(0), "tolerance": at_least(0), "drop_estimate": one_of(lambda: DROP_ESTIMATES)}
     max_drop: float = 0.05  # fail when mean acc1 of prune.method is more than this below full
+    # point: the observed mean drop | upper: the upper end of its paired-bootstrap 95% interval (fails when the
+    # data cannot rule out a drop beyond max_drop)
+    drop_estimate: str = "point"
     tolerance: float = 0.01  # fail when any acc1 fell more than this below the committed reports/metrics.json
 
 

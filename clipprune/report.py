@@ -24,8 +24,42 @@ def collect(eval_dir: Path, datasets: list[str], methods: list[str]) -> dict:
     return out
 
 
-def build_metrics(results: dict, *, predictor: Optional[dict] = None) -> dict:
-    """Per dataset and method acc1 and GFLOPs, their mean over datasets, drops against full, predictor fidelity."""
+UNPRUNED = ("full", "full+tokens")
+
+
+def intervals(results: dict, *, resamples: int, seed: int) -> dict:
+    """Every row's paired-bootstrap difference in acc1 against full, random and the best other pruned row (the
+    highest mean among the rows that are neither it nor unpruned), per dataset and for the mean."""
+    from .stats import bits, paired_bootstrap
+
+    datasets = list(results)
+    methods = list(results[datasets[0]])
+    per_image = {}
+    for m in methods:
+        for d in datasets:
+            if "per_image_top1" not in results[d][m]:
+                raise ClipPruneError(f"reports/eval/{safe_name(d)}/{safe_name(m)}.json has no per-image results (written "
+                                     "before they were recorded): rerun the evaluate stage (dvc repro -f evaluate)")
+        per_image[m] = {d: bits(results[d][m]["per_image_top1"]) for d in datasets}
+    mean = {m: sum(results[d][m]["metrics"]["acc1"] for d in datasets) / len(datasets) for m in methods}
+    out = {}
+    for m in methods:
+        others = [o for o in methods if o != m and o not in UNPRUNED]
+        versus = {"full": "full", "random": "random",
+                  "best_other": max(others, key=lambda o: mean[o]) if others else None}
+        out[m] = {}
+        for name, ref in versus.items():
+            if ref is None or ref == m or ref not in per_image:
+                continue
+            out[m][f"vs_{name}"] = {"against": ref, **paired_bootstrap(per_image[m], per_image[ref],
+                                                                        resamples=resamples, seed=seed)}
+    return out
+
+
+def build_metrics(results: dict, *, predictor: Optional[dict] = None, resamples: Optional[int] = None,
+                  seed: int = 0) -> dict:
+    """Per dataset and method acc1 and GFLOPs, their mean over datasets, drops against full, predictor fidelity;
+    with `resamples`, every row's paired-bootstrap 95% intervals (see `intervals`)."""
     datasets = list(results)
     methods = list(results[datasets[0]])
     per = {d: {m: {"acc1": round(r["metrics"]["acc1"], 6), "gflops": round(r["gflops"], 6)} for m, r in rows.items()}
@@ -37,18 +71,35 @@ def build_metrics(results: dict, *, predictor: Optional[dict] = None) -> dict:
         metrics["drop_vs_full"] = {m: round(mean["full"]["acc1"] - v["acc1"], 6) for m, v in mean.items() if m != "full"}
     if predictor:
         metrics["predictor"] = predictor
+    if resamples:
+        metrics["intervals"] = intervals(results, resamples=resamples, seed=seed)
     return metrics
 
 
-def gate(metrics: dict, committed: Optional[dict], *, method: str, max_drop: float, tolerance: float) -> list[str]:
-    """Failures of the accuracy gate (empty = pass): the method's mean drop vs full, and regressions vs git."""
+def judged_drop(metrics: dict, *, method: str, estimate: str = "point") -> float:
+    """The mean acc1 `method` loses against full: observed (point), or the upper end of its 95% interval (upper)."""
+    mean = metrics["mean"]
+    if estimate == "point":
+        return mean["full"]["acc1"] - mean[method]["acc1"]
+    interval = metrics.get("intervals", {}).get(method, {}).get("vs_full", {}).get("mean")
+    if interval is None:
+        raise ClipPruneError("check.drop_estimate is 'upper' but reports/metrics.json has no interval for "
+                             f"{method} vs full; rerun the report stage (dvc repro report)")
+    return -interval["lo"]  # the difference is method - full: its lower end is the largest drop
+
+
+def gate(metrics: dict, committed: Optional[dict], *, method: str, max_drop: float, tolerance: float,
+         estimate: str = "point") -> list[str]:
+    """Failures of the accuracy gate (empty = pass): the method's mean drop vs full (observed, or the upper end of
+    its interval), and regressions vs git."""
     failures = []
     mean = metrics.get("mean", {})
     if method not in mean or "full" not in mean:
         return [f"metrics have no mean acc1 for {method!r} and 'full'; evaluate both (eval.methods)"]
-    drop = mean["full"]["acc1"] - mean[method]["acc1"]
+    drop = judged_drop(metrics, method=method, estimate=estimate)
     if drop > max_drop:
-        failures.append(f"{method} loses {drop:.4f} mean acc1 against full, more than check.max_drop={max_drop}")
+        what = "mean acc1" if estimate == "point" else "mean acc1 at the upper end of its 95% interval"
+        failures.append(f"{method} loses {drop:.4f} {what} against full, more than check.max_drop={max_drop}")
     if committed is not None:
         # Every committed row must still be measured: a dataset or method that vanished is a failure, never a skip.
         if not committed.get("datasets"):
@@ -128,7 +179,39 @@ def figures(metrics: dict, vs_keep: list[dict], out_dir: Path) -> list[Path]:
     fig.savefig(out_dir / "per_dataset.png", dpi=120)
     plt.close(fig)
     paths.append(out_dir / "per_dataset.png")
+    if "intervals" in metrics:
+        paths.append(difference_figure(metrics["intervals"], out_dir / "diff_vs_full.png"))
     return paths
+
+
+def difference_figure(intervals: dict, path: Path) -> Path:
+    """Each row's top-1 difference against full, per dataset and on the mean, with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(m, d, v) for m, vs in intervals.items() if "vs_full" in vs
+            for d, v in vs["vs_full"].items() if d != "against"]
+    methods = list(dict.fromkeys(m for m, _, _ in rows))
+    places = list(dict.fromkeys(d for _, d, _ in rows))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        pts = [(places.index(d) + (i - (len(methods) - 1) / 2) * width, v) for mm, d, v in rows if mm == m]
+        x = [p for p, _ in pts]
+        y = [100 * v["diff"] for _, v in pts]
+        err = [[100 * (v["diff"] - v["lo"]) for _, v in pts], [100 * (v["hi"] - v["diff"]) for _, v in pts]]
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=2, label=m, markersize=4)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(places)), [d.split("/")[-1] for d in places])
+    ax.set(ylabel="top-1 vs full (points, 95% interval)", xlabel="")
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def kept_patches(model, images: torch.Tensor, *, layer: int, forward) -> torch.Tensor:
@@ -197,6 +280,28 @@ def provenance(params: dict) -> str:
             "from its templates. These numbers describe that model; they are **not** the paper's numbers.")
 
 
+def _interval(x: dict) -> str:
+    """'-1.7 [-2.4, -1.0]*' in points; * when the 95% interval excludes zero."""
+    return (f"{100 * x['diff']:+.1f} [{100 * x['lo']:+.1f}, {100 * x['hi']:+.1f}]" + ("*" if x["excludes_zero"] else ""))
+
+
+def differences_markdown(intervals: dict, datasets: list[str]) -> list[str]:
+    """Each row's difference in top-1 (points) against full per dataset and on the mean, and against random and the
+    best other pruned row on the mean, with paired-bootstrap 95% intervals."""
+    short = [d.split("/")[-1] for d in datasets]
+    lines = ["## Differences (top-1 points, paired bootstrap 95% interval over test images; * excludes zero)", "",
+             "| method | vs full: " + " | ".join(short) + " | vs full: mean | vs random: mean | vs best other: mean |",
+             "|---|" + "---|" * (len(short) + 3)]
+    for m, vs in intervals.items():
+        full = vs.get("vs_full")
+        cells = [_interval(full[d]) if full else "" for d in datasets] + [_interval(full["mean"]) if full else ""]
+        cells.append(_interval(vs["vs_random"]["mean"]) if "vs_random" in vs else "")
+        best = vs.get("vs_best_other")
+        cells.append(f"{_interval(best['mean'])} ({best['against']})" if best else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def summary_markdown(metrics: dict, flops: dict, *, params: dict, predictor: Optional[dict]) -> str:
     """The table a paper would print, with the configuration behind every figure."""
     datasets = list(metrics["datasets"])
@@ -214,6 +319,8 @@ def summary_markdown(metrics: dict, flops: dict, *, params: dict, predictor: Opt
     lines += ["", f"GFLOPs: {flops['convention']}; fvcore agrees with the formula (see reports/flops.json).",
               "Baselines are matched to the predictor's GFLOPs (its own cost included) within 1%; the golden oracle keeps "
               "the predictor's token count; `+tokens` rows include the learned visual tokens' cost.", ""]
+    if "intervals" in metrics:
+        lines += differences_markdown(metrics["intervals"], datasets)
     if predictor:
         lines += ["## Predictor fidelity (test split vs its golden ranking)", ""]
         lines += [f"- {k}: {v}" for k, v in predictor.items()] + [""]

@@ -62,7 +62,8 @@ def committed_metrics(path: str) -> dict | None:
               help="Write the verdict to reports/check.json and exit 0 whatever it says (the pipeline's last stage: "
                    "experiments complete and record it; CI judges main with the plain command).")
 def main(params_path: str, against_git: bool, record: bool) -> None:
-    """Fail when prune.method's mean acc1 is more than check.max_drop below full, or any acc1 regressed
+    """Fail when prune.method's mean acc1 is more than check.max_drop below full (observed, or with
+    check.drop_estimate: upper, the upper end of the drop's paired-bootstrap 95% interval), or any acc1 regressed
     more than check.tolerance against the committed reports/metrics.json."""
     prune_p, check_p = config.load("prune", "check", path=params_path)
     path = REPORTS / "metrics.json"
@@ -70,14 +71,16 @@ def main(params_path: str, against_git: bool, record: bool) -> None:
         raise ClipPruneError(f"no {path}: run the pipeline first (make repro)")
     metrics = json.loads(path.read_text())
     committed = committed_metrics(str(path)) if against_git else None
-    failures = report.gate(metrics, committed, method=prune_p.method, max_drop=check_p.max_drop, tolerance=check_p.tolerance)
+    failures = report.gate(metrics, committed, method=prune_p.method, max_drop=check_p.max_drop, tolerance=check_p.tolerance,
+                           estimate=check_p.drop_estimate)
     mean = metrics.get("mean", {})
-    drop = mean["full"]["acc1"] - mean[prune_p.method]["acc1"] if {"full", prune_p.method} <= set(mean) else None
+    known = {"full", prune_p.method} <= set(mean)
+    drop = report.judged_drop(metrics, method=prune_p.method, estimate=check_p.drop_estimate) if known else None
     if record:
         write_json_atomic(REPORTS / "check.json", {
             "passed": not failures, "method": prune_p.method, "mean_drop": None if drop is None else round(drop, 6),
-            "max_drop": check_p.max_drop, "tolerance": check_p.tolerance, "compared_with_git": committed is not None,
-            "failures": failures})
+            "drop_estimate": check_p.drop_estimate, "max_drop": check_p.max_drop, "tolerance": check_p.tolerance,
+            "compared_with_git": committed is not None, "failures": failures})
     for f in failures:
         click.echo(f"check failed: {f}", err=True)
     if failures:
@@ -85,7 +88,8 @@ def main(params_path: str, against_git: bool, record: bool) -> None:
     versus = ("not compared with committed metrics (--no-against-git)" if not against_git else
               "no regression beyond check.tolerance against the committed metrics" if committed is not None else
               f"no {path} committed at HEAD, so no regression check: commit it to arm one")
-    click.echo(f"check passed: {prune_p.method} mean drop {drop:+.4f} vs full (max {check_p.max_drop}); {versus}")
+    judged = "mean drop" if check_p.drop_estimate == "point" else "mean drop (upper end of its 95% interval)"
+    click.echo(f"check passed: {prune_p.method} {judged} {drop:+.4f} vs full (max {check_p.max_drop}); {versus}")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,15 @@ from clipprune.experiment import eval_labels, evaluate_dataset, setups_for
 from clipprune.io import check_writable, write_json_atomic
 from clipprune.pipeline import REPORTS, read_report, safe_name
 from clipprune.runner import params_opt, run
+from clipprune.stats import to_bits
 from clipprune.zeroshot import result_record
 
 
 @click.command()
 @params_opt
 def main(params_path: str) -> None:
-    """Evaluate each eval.methods row (and the predictor.transfer_from rows) on each dataset's test split through
-    clip_benchmark."""
+    """Evaluate each eval.methods row (and the predictor.transfer_from rows) on each dataset's test split: every row
+    in one pass over the images, with clip_benchmark's classifier, logits and metrics; per-image top-1 recorded."""
     data, model_p, prune_p, golden, eval_p, pred_p, compute = config.load(
         "data", "model", "prune", "golden", "eval", "predictor", "compute", path=params_path)
     labels = eval_labels(eval_p, data, pred_p)
@@ -40,7 +41,9 @@ def main(params_path: str) -> None:
             record = result_record(dataset=dataset, model=model_p.arch,
                                    pretrained=model_p.pretrained or "clipprune-pretrain", metrics=metrics, method=label,
                                    keep=setup.keep, layer=setup.layer, gflops=flops[dataset][label]["gflops"],
-                                   extra={"setting": setup.describe()})
+                                   extra={"setting": setup.describe(),
+                                          # paired statistics (clipprune.stats) resample these, image by image
+                                          "per_image_top1": to_bits(results[label].correct)})
             write_json_atomic(REPORTS / "eval" / safe_name(dataset) / f"{safe_name(label)}.json", record)
             tqdm.write(f"{dataset:>16} {label:>18}: acc1 {metrics['acc1']:.4f}")
     barrier()

@@ -52,7 +52,7 @@ def main(params_path: str) -> None:
     check_writable(REPORTS / "plots", REPORTS / "figures", REPORTS)
     results = report.collect(REPORTS / "eval", data.datasets, list(eval_labels(eval_p, data, pred_p)))
     predictor = read_report("predictor.json", stage="predictor")
-    metrics = report.build_metrics(results, predictor=predictor)
+    metrics = report.build_metrics(results, predictor=predictor, resamples=eval_p.bootstrap, seed=data.seed)
     write_json_atomic(REPORTS / "metrics.json", metrics)
     sweep = read_report("sweep.json", stage="sweep")
     vs_keep = report.plot_rows(sweep)
