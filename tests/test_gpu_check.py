@@ -44,6 +44,7 @@ def small():
     return run_check()
 
 
+@pytest.mark.slow  # about a minute: make test-all and CI run it
 def test_small_mode_reports_every_part_in_order(small):
     result, progress = small
     assert result["mode"] == "small" and result["elapsed_s"] < result["budget_s"]

@@ -143,6 +143,7 @@ def test_synth_tasks_share_one_ranking_when_label_free_or_joint():
             "synth": "synth/shape", "wds-cifar10": "wds/cifar10"}
 
 
+@pytest.mark.slow  # about a minute: make test-all and CI run it
 def test_default_profile_runs_every_stage_with_one_joint_ranking(tmp_path):
     """params.yaml on a tiny world: the five tasks share one golden ranking, scored over all of them, and one
     predictor; every stage runs and every task is evaluated by every method, and (predictor.transfer_from) with

@@ -125,6 +125,7 @@ def test_synth_path_feeds_what_it_always_fed(tmp_path, monkeypatch, one_thread):
     assert all(torch.equal(seen["state"][k], state[k]) for k in state)
 
 
+@pytest.mark.slow  # about a minute: make test-all and CI run it
 def test_cifar10_profile_runs_every_stage(wds_root, tmp_path):
     """profiles/cifar10.yaml validates and every stage runs on a tiny stand-in for CIFAR-10, with n_test below the
     test split's size (as the profile's 2,000 of 10,000): the rankings, predictor and evaluation see that prefix."""
