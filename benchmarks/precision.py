@@ -95,7 +95,8 @@ def set_rows(order: torch.Tensor, k: int) -> torch.Tensor:
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml", show_default=True)
-@click.option("--precision", default="bf16", show_default=True, help="compared with fp32: bf16, fp16, tf32")
+@click.option("--precision", default="bf16", show_default=True, type=click.Choice(["tf32", "bf16", "fp16"]),
+              help="compared with fp32")
 @click.option("--golden-images", default=200, show_default=True, help="test images the golden search reruns on")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="one JSON object instead of tables")

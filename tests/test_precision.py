@@ -30,17 +30,17 @@ def test_resolve_and_autocast():
 
 @pytest.mark.slow
 def test_bf16_on_the_default_world_keeps_every_rows_top1_within_one_point(tmp_path):
-    """A smaller default world (1,000 pretraining steps, 500 ranked train images, 1,000 test images): every row of
+    """A smaller default world (700 pretraining steps, 500 ranked train images, 1,000 test images): every row of
     eval.methods on every task in bf16 within 1 point of fp32. Measured here: at most 0.6 points (size and shape,
     cls_attention / tome). Not asserted: the issue's bar of 0.95 for the golden keep sets, which half precision
     does not meet (0.73 here in bf16, 0.83 in fp16; on the full default world 0.83 and 0.94): the README and
     benchmarks/precision.py report it. fp16 is not run here: without fp16 matmuls this CPU takes 7x fp32's time."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(n_train=6000, n_test=1000)
-    params["pretrain"].update(steps=1000)
+    params["pretrain"].update(steps=700)
     params["golden"].update(n_train=500)
-    params["predictor"].update(epochs=30)
-    params["tune"].update(epochs=10)
+    params["predictor"].update(epochs=15)
+    params["tune"].update(epochs=5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     for stage in ("data", "pretrain", "golden", "predictor", "tune"):
@@ -48,7 +48,7 @@ def test_bf16_on_the_default_world_keeps_every_rows_top1_within_one_point(tmp_pa
                              text=True, timeout=900)
         assert out.returncode == 0, f"{stage}: {out.stderr[-3000:]}"
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precision.py"), "--precision", "bf16",
-                          "--golden-images", "100", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          "--golden-images", "50", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
