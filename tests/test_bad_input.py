@@ -191,6 +191,7 @@ def test_method_help_lists_what_the_cli_can_run():
     assert "ranking" not in help_line
 
 
+@pytest.mark.slow  # 15-20 s: make test-all and CI run it
 def test_cli_from_the_shell(tmp_path):
     """The console entry point through a real shell: exit 2, one line, no traceback, nothing written."""
     before = files(tmp_path)
@@ -323,6 +324,7 @@ def test_stage_refuses_bad_params_before_any_work(tmp_path, monkeypatch, stage, 
     assert files(tmp_path) == before
 
 
+@pytest.mark.slow  # 15-20 s: make test-all and CI run it
 def test_stage_from_the_shell(tmp_path):
     """python -m stages.<x> through a real shell: the missing section and the unwritable output are one line each."""
     write_params(tmp_path, drop("prune"))

@@ -221,6 +221,7 @@ def test_a_kill_during_a_shard_write_leaves_nothing_a_rerun_trusts(tmp_path, cle
     assert out.read_bytes() == clean.read_bytes()
 
 
+@pytest.mark.slow  # 15-20 s: make test-all and CI run it
 def test_two_processes_split_the_work_and_equal_one(tmp_path):
     """Under torchrun with 2 processes every shard is searched by exactly one of them, both work, and the file
     is byte-identical to one process's."""

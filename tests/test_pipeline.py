@@ -97,6 +97,7 @@ def test_gate_needs_both_rows():
     assert "no mean acc1" in report.gate(metrics_with(0.9, 0.8), None, method="tome", max_drop=1, tolerance=1)[0]
 
 
+@pytest.mark.slow  # 15-20 s: make test-all and CI run it
 def test_check_stage_exit_codes(tmp_path):
     """The gate as CI runs it: exit 1 with the reason when max_drop is below the drop, 0 otherwise."""
     (tmp_path / "reports").mkdir()
