@@ -20,8 +20,10 @@ from clipprune import config
 from clipprune.config import ComputeParams
 from clipprune.experiment import evaluate_dataset, setups_for
 from clipprune.golden import NEEDS_CLASSIFIER, GoldenSearch, SearchConfig
+from clipprune.methods import ranking_scores
 from clipprune.pipeline import dataset_root, load_clip, ranking_groups
 from clipprune.precision import autocast
+from clipprune.predictor import topk_overlap
 from clipprune.synth import TASKS
 from clipprune.zeroshot import classifier_weights
 
@@ -78,19 +80,12 @@ def golden_overlap(params_path: str, precision: str, *, images: int, device: str
                 with autocast(p, device):
                     chunks.append(search.search(x, y).patch_order.cpu())
             orders[p], seconds[p] = torch.cat(chunks), round(time.perf_counter() - t0, 2)
-        n_patches = orders["fp32"].shape[1]
-        k = round(prune_p.keep * n_patches)
-        kept = {p: set_rows(o, k) for p, o in orders.items()}
-        overlap = (kept["fp32"] & kept[precision]).sum(1).float() / k
+        # The keep set at prune.keep of the half-precision order, against the fp32 one (as predictor fidelity is).
+        overlap = topk_overlap(ranking_scores(orders[precision]), orders["fp32"].long(), keep=prune_p.keep)
         out[key] = {"images": n, "keep": prune_p.keep, "topset_overlap": round(overlap.mean().item(), 4),
                     "min_overlap": round(overlap.min().item(), 4), "identical_orders": int((orders["fp32"] ==
                     orders[precision]).all(1).sum()), "seconds": seconds}
     return out
-
-
-def set_rows(order: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, N] bool: the k patches each elimination order keeps (its last k)."""
-    return torch.zeros(order.shape, dtype=torch.bool).scatter_(1, order[:, order.shape[1] - k :].long(), True)
 
 
 @click.command()

@@ -78,9 +78,9 @@ def evaluate_rows(setups: Mapping, *, model, tokenizer, test, classnames: Sequen
     dev = torch.device(device)
     n_total = len(test)
     order = torch.arange(n_total) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
-    bad = [int(i) for i in order if not 0 <= i < n_total]
-    if bad:
-        raise ClipPruneError(f"image index {bad[0]} is outside the {n_total} ranked test images")
+    bad = order[(order < 0) | (order >= n_total)]
+    if len(bad):
+        raise ClipPruneError(f"image index {int(bad[0])} is outside the {n_total} ranked test images")
     shared: list[Tensor] = []
 
     def plain() -> Tensor:  # the templates' classifier, built once for every row without learned tokens

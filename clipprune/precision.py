@@ -8,7 +8,7 @@ The paper profile uses auto: CoOp evaluated (and tuned) CLIP in fp16 on GPUs; it
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 
@@ -45,9 +45,3 @@ def grad_scaler(precision: str, device: str | torch.device) -> torch.amp.GradSca
     dev = torch.device(device)
     return torch.amp.GradScaler(dev.type, enabled=resolve(precision, dev) == "fp16" and dev.type == "cuda")
 
-
-@contextmanager
-def no_autocast(device: str | torch.device):
-    """Leave autocast inside an autocast region (e.g. a loss that needs float32)."""
-    with torch.autocast(torch.device(device).type, enabled=False):
-        yield
